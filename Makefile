@@ -1,0 +1,37 @@
+# The README's two set-up commands are `make tiny` (the main job) and `make test`.
+# Both create .venv on first use and install Trellis into it (torch pinned by constraints.txt).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TINY_DATA := data/tiny
+CPU_LAUNCH := $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml
+
+.PHONY: install tiny tiny-data test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $@
+
+tiny-data: install
+	$(BIN)/trellis tiny-data --output_dir $(TINY_DATA)
+
+# The tiny default on CPU, no downloads: generate the data and tokenizer, then fine-tune.
+tiny: tiny-data
+	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/sft.py --config recipes/tiny/sft.yaml
+
+test: install
+	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check src scripts tests
+	$(BIN)/ruff format --check src scripts tests
+
+format: install
+	$(BIN)/ruff check --fix src scripts tests
+	$(BIN)/ruff format src scripts tests
+
+clean:
+	rm -rf $(VENV) outputs data .pytest_cache

@@ -1,0 +1,51 @@
+"""Supervised fine-tuning (SFT) on chat data with TRL's SFTTrainer: full, LoRA or QLoRA.
+
+    accelerate launch [--config_file accelerate_configs/ddp.yaml] scripts/sft.py \
+        --config recipes/tiny/sft.yaml [--any_recipe_key value ...]
+
+Reads the recipe strictly (a bad key fails before anything loads), loads the data (converted to
+`messages`) and the model, checks that the end-of-turn token is trained, evaluates the starting
+model, trains (resuming from the last checkpoint in output_dir), evaluates again, and writes a
+model directory plus trellis_run.json to output_dir.
+"""
+
+from trellis.config import parse_recipe
+from trellis.errors import exit_on_error
+
+
+def main() -> None:
+    script_args, training_args, model_args = parse_recipe("sft")
+
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from trellis import chat, data, models
+    from trellis.run_record import RunRecord
+    from trellis.stage import save_final_model, setup_logging, train_and_evaluate
+
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    configs = {"script": script_args, "model": model_args, "training": training_args}
+    with RunRecord("sft", training_args.output_dir, configs, training_args.process_index == 0) as record:
+        dataset = data.load_train_eval(script_args, seed=training_args.seed)
+        record.set_input("datasets", {split: ds._fingerprint for split, ds in dataset.items()})
+        tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code)
+        model = models.load_model(model_args, tokenizer, training_args)
+        chat.apply_chat_template(model, tokenizer, model_args.chat_template)
+
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=dataset["train"],
+            eval_dataset=dataset.get("test"),
+            processing_class=tokenizer,
+            peft_config=models.peft_config(model_args),
+        )
+        chat.check_eos_in_loss_mask(trainer)
+        train_and_evaluate(trainer, record, script_args.eval_before_training)
+        save_final_model(trainer, model_args)
+
+
+if __name__ == "__main__":
+    with exit_on_error():
+        main()

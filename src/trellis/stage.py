@@ -1,0 +1,92 @@
+"""The parts every training stage shares: logging, resuming, training with before/after evaluation, saving."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+from trellis.models import merge_adapters
+from trellis.run_record import RunRecord
+
+logger = logging.getLogger("trellis")
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def setup_logging(training_args) -> None:
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+        force=True,
+    )
+    level = training_args.get_process_log_level()
+    logging.getLogger("trellis").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N in output_dir that was fully written.
+
+    The Trainer writes trainer_state.json last, so a checkpoint without it was cut off mid-save
+    (e.g. the process was killed) and is skipped rather than resumed from.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
+            steps.append(int(match.group(1)))
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = True) -> None:
+    """Evaluate the starting model, train (resuming from the last checkpoint), evaluate again.
+
+    The starting model's metrics are kept in the run record, so every stage shows what it changed
+    on held-out data.
+    """
+    args = trainer.args
+    checkpoint = args.resume_from_checkpoint or last_complete_checkpoint(args.output_dir)
+    has_eval = trainer.eval_dataset is not None
+    if checkpoint:
+        logger.info("Resuming from %s", checkpoint)
+        record.data["resumed_from"] = os.path.basename(checkpoint)
+    elif has_eval and eval_before_training:
+        logger.info("Evaluating the model before training")
+        record.set_metrics("initial", trainer.evaluate(metric_key_prefix="eval"))
+
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    record.set_metrics("train", result.metrics)
+    if has_eval:
+        record.set_metrics("eval", trainer.evaluate(metric_key_prefix="eval"))
+    for name in ("initial", "eval"):
+        if "eval_loss" in record.data["metrics"].get(name, {}):
+            logger.info("%-7s eval_loss %.4f", name, record.data["metrics"][name]["eval_loss"])
+
+
+def save_final_model(trainer, model_args) -> None:
+    """Write the final model (and tokenizer) to output_dir so that `from_pretrained` loads it.
+
+    With LoRA and `merge_adapters`, the adapters are merged into full weights (see models.merge_adapters).
+    """
+    output_dir = trainer.args.output_dir
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    tokenizer = trainer.processing_class
+    # Generation stops at the tokenizer's EOS (the chat template's end-of-turn after SFT).
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.config.use_cache = True
+    trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process and model_args.use_peft and model_args.merge_adapters:
+        merge_adapters(output_dir, model_args, tokenizer, trainer.args.trust_remote_code)
+    trainer.accelerator.wait_for_everyone()
+    logger.info("Saved the final model to %s", output_dir)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny world generated once per session, and running stage scripts for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# No test may reach the Hub: everything is made locally.
+os.environ.update(
+    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_HUB_DISABLE_TELEMETRY="1"
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    """A directory laid out like a user's checkout: recipes/ and accelerate_configs/ plus generated data/tiny."""
+    from trellis.tiny import write_tiny_data
+
+    root = tmp_path_factory.mktemp("work")
+    for name in ("recipes", "accelerate_configs"):
+        (root / name).symlink_to(REPO / name)
+    write_tiny_data(root / "data" / "tiny")
+    return root
+
+
+def run_script(args: list[str], cwd: Path, timeout: float = 600, launcher: list[str] | None = None):
+    """Run `python scripts/<name>.py ...` (or under a launcher such as accelerate) and capture its output."""
+    script, *rest = args
+    command = [*(launcher or [sys.executable]), str(SCRIPTS / script), *rest]
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+    )
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
