@@ -81,6 +81,14 @@ def quantization_config(model_args):
     return get_quantization_config(model_args)
 
 
+def _kbit_device_map() -> dict | None:
+    """Quantized weights are placed at load time: on this process's GPU, or left on the CPU."""
+    import torch
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+
+
 def load_model(model_args, tokenizer, training_args, model_class=None):
     """Load `model_name_or_path`, or build a fresh model from `model_config` (seeded by the caller)."""
     import transformers
@@ -105,9 +113,7 @@ def load_model(model_args, tokenizer, training_args, model_class=None):
     kwargs = {}
     quantization = quantization_config(model_args)
     if quantization is not None:
-        from trl import get_kbit_device_map
-
-        kwargs = {"quantization_config": quantization, "device_map": get_kbit_device_map()}
+        kwargs = {"quantization_config": quantization, "device_map": _kbit_device_map()}
     return model_class.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,

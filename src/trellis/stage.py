@@ -26,7 +26,8 @@ def setup_logging(training_args) -> None:
         force=True,
     )
     level = training_args.get_process_log_level()
-    logging.getLogger("trellis").setLevel(level)
+    # Trellis's own progress lines show on the main process even when the libraries stay quiet.
+    logging.getLogger("trellis").setLevel(logging.INFO if training_args.should_log else level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
 
@@ -67,9 +68,9 @@ def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = 
     record.set_metrics("train", result.metrics)
     if has_eval:
         record.set_metrics("eval", trainer.evaluate(metric_key_prefix="eval"))
-    for name in ("initial", "eval"):
-        if "eval_loss" in record.data["metrics"].get(name, {}):
-            logger.info("%-7s eval_loss %.4f", name, record.data["metrics"][name]["eval_loss"])
+    before, after = (record.data["metrics"].get(name, {}).get("eval_loss") for name in ("initial", "eval"))
+    if before is not None and after is not None:
+        logger.info("Held-out eval_loss: %.4f before training, %.4f after", before, after)
 
 
 def save_final_model(trainer, model_args) -> None:
@@ -84,8 +85,14 @@ def save_final_model(trainer, model_args) -> None:
     model.config.eos_token_id = tokenizer.eos_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.use_cache = True
     model.config.use_cache = True
     trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        # The Trainer also pickles its arguments; the run record holds them, and we ship no pickles.
+        pickled_args = os.path.join(output_dir, "training_args.bin")
+        if os.path.exists(pickled_args):
+            os.remove(pickled_args)
     if trainer.accelerator.is_main_process and model_args.use_peft and model_args.merge_adapters:
         merge_adapters(output_dir, model_args, tokenizer, trainer.args.trust_remote_code)
     trainer.accelerator.wait_for_everyone()
