@@ -32,7 +32,7 @@ def tokenizer(workdir):
     return AutoTokenizer.from_pretrained(workdir / "data" / "tiny" / "tokenizer")
 
 
-def make_trainer(tokenizer, tmp_path, assistant_only_loss: bool):
+def make_trainer(tokenizer, tmp_path, assistant_only_loss: bool, packing: bool = False):
     model = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tokenizer),
@@ -60,9 +60,9 @@ def make_trainer(tokenizer, tmp_path, assistant_only_loss: bool):
     )
 
 
-@pytest.mark.parametrize("assistant_only_loss", [True, False])
-def test_default_chatml_trains_the_end_of_turn_token(tokenizer, tmp_path, assistant_only_loss):
-    model, trainer = make_trainer(tokenizer, tmp_path, assistant_only_loss)
+@pytest.mark.parametrize(("assistant_only_loss", "packing"), [(True, False), (False, False), (True, True)])
+def test_default_chatml_trains_the_end_of_turn_token(tokenizer, tmp_path, assistant_only_loss, packing):
+    model, trainer = make_trainer(tokenizer, tmp_path, assistant_only_loss, packing)
     assert tokenizer.chat_template is None  # a base tokenizer: ChatML is applied by default
     apply_chat_template(model, tokenizer, None)
     assert (
