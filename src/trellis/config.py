@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from trl import ModelConfig  # a plain dataclass; TRL imports its trainers lazily
 
 from trellis.errors import TrellisError
 
@@ -95,46 +96,37 @@ def _as_source(item: dict | DatasetSource) -> DatasetSource:
     return item if isinstance(item, DatasetSource) else DatasetSource(**item)
 
 
-def _model_config_class() -> type:
-    from trl import ModelConfig
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's ModelConfig plus what Trellis needs to build, template and save a model."""
 
-    @dataclass
-    class ModelArguments(ModelConfig):
-        """TRL's ModelConfig plus what Trellis needs to build, template and save a model."""
-
-        model_config: dict | str | None = field(
-            default=None,
-            metadata={
-                "help": "Create the model from scratch from this config: a path to a config.json or an "
-                "inline mapping (with `model_type`). Replaces model_name_or_path."
-            },
-        )
-        tokenizer_name_or_path: str | None = field(
-            default=None, metadata={"help": "Tokenizer to use, if not the one stored with the model."}
-        )
-        chat_template: str | None = field(
-            default=None,
-            metadata={
-                "help": "Chat template: 'chatml', a path to a .jinja file, or the template text. Unset: the "
-                "tokenizer's own, else ChatML."
-            },
-        )
-        merge_adapters: bool = field(
-            default=False,
-            metadata={
-                "help": "With LoRA/QLoRA: merge the adapters into the base weights in the final model."
-            },
-        )
-
-    ModelArguments.__module__ = __name__
-    ModelArguments.__qualname__ = "ModelArguments"
-    return ModelArguments
+    model_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Create the model from scratch from this config: a path to a config.json or an "
+            "inline mapping (with `model_type`). Replaces model_name_or_path."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use, if not the one stored with the model."}
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template: 'chatml', a path to a .jinja file, or the template text. Unset: the "
+            "tokenizer's own, else ChatML."
+        },
+    )
+    merge_adapters: bool = field(
+        default=False,
+        metadata={"help": "With LoRA/QLoRA: merge the adapters into the base weights in the final model."},
+    )
 
 
 def _sft_types() -> tuple[type, ...]:
     from trl import SFTConfig
 
-    return ScriptArguments, SFTConfig, _model_config_class()
+    return ScriptArguments, SFTConfig, ModelArguments
 
 
 # Stage name -> the dataclasses its recipe fills, in the order parse_recipe returns them.
