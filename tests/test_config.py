@@ -41,7 +41,8 @@ def _in_workdir(workdir, monkeypatch):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_every_shipped_recipe_validates(recipe):
-    validate_recipe_file(str(recipe))
+    # Inputs may be outputs of earlier stages that this test does not run; path checks are tested below.
+    validate_recipe_file(str(recipe), check_paths=False)
 
 
 def test_recipe_values_and_overrides_reach_the_dataclasses(workdir):
@@ -70,7 +71,7 @@ def test_recipe_values_and_overrides_reach_the_dataclasses(workdir):
         ),
         ("eval_strategy: steps\n", ["eval_strategy", "no held-out data"]),
         ("load_in_4bit: true\n", ["load_in_4bit", "use_peft"]),
-        ("chat_template: templates/missing.jinja\n", ["chat_template", "no such template file"]),
+        ("chat_template: templates/missing.jinja\n", ["chat_template", "no such local template file"]),
     ],
     ids=[
         "misspelled",
@@ -158,7 +159,7 @@ def test_stage_script_fails_within_10_seconds_without_traceback(workdir, case):
 def test_trellis_validate_command(workdir):
     bad = write_recipe(workdir / "bad" / "sft_cli.yaml", TINY + "learnig_rate: 0.1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "trellis.cli", "validate", "recipes/tiny", str(bad)],
+        [sys.executable, "-m", "trellis.cli", "validate", "recipes/tiny/sft.yaml", str(bad)],
         cwd=workdir,
         capture_output=True,
         text=True,

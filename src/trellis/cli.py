@@ -1,4 +1,4 @@
-"""The `trellis` command: `trellis validate RECIPE...`, `trellis tiny-data`, `trellis --version`."""
+"""The `trellis` command: `validate RECIPE...`, `tiny-data`, `average CHECKPOINT...`, `--version`."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def validate(args: argparse.Namespace) -> int:
     failures = 0
     for path in _recipe_files(args.recipes):
         try:
-            stage = validate_recipe_file(path, args.stage)
+            stage = validate_recipe_file(path, args.stage, check_paths=not args.no_path_check)
         except TrellisError as error:
             failures += 1
             print(f"FAIL {error}", file=sys.stderr)
@@ -45,6 +45,21 @@ def tiny_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def average(args: argparse.Namespace) -> int:
+    from trellis.averaging import average_checkpoints, last_checkpoints
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.last:
+        if len(args.paths) != 1:
+            raise TrellisError("with --last N, give one run directory (the output_dir holding checkpoint-*/)")
+        checkpoints = last_checkpoints(args.paths[0], args.last)
+    else:
+        checkpoints = args.paths
+    average_checkpoints(checkpoints, args.output_dir, args.weights)
+    print(f"averaged {len(checkpoints)} checkpoints into {args.output_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trellis", description=__doc__)
     parser.add_argument("--version", action="version", version=f"trellis {__version__}")
@@ -53,12 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("validate", help="check stage recipes strictly, without training")
     check.add_argument("recipes", nargs="+", help="recipe files, or directories to search for *.yaml")
     check.add_argument("--stage", help="the stage the recipes are for (default: from the file name)")
+    check.add_argument(
+        "--no-path-check",
+        action="store_true",
+        help="do not require local inputs to exist yet (e.g. outputs of earlier stages)",
+    )
     check.set_defaults(run=validate)
 
     tiny = commands.add_parser("tiny-data", help="generate the tiny default's datasets and tokenizer")
     tiny.add_argument("--output_dir", default="data/tiny")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=tiny_data)
+
+    mean = commands.add_parser(
+        "average", help="average the weights of several checkpoints into a model directory"
+    )
+    mean.add_argument("paths", nargs="+", help="checkpoint directories, or one run directory with --last")
+    mean.add_argument("--last", type=int, help="average the last N complete checkpoints of the run directory")
+    mean.add_argument("--weights", type=float, nargs="+", help="one weight per checkpoint (default: uniform)")
+    mean.add_argument("--output_dir", required=True)
+    mean.set_defaults(run=average)
 
     args = parser.parse_args(argv)
     with exit_on_error():

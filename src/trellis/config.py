@@ -129,9 +129,16 @@ def _sft_types() -> tuple[type, ...]:
     return ScriptArguments, SFTConfig, ModelArguments
 
 
+def _pretrain_types() -> tuple[type, ...]:
+    from trellis.pretraining import PretrainArguments, PretrainConfig
+
+    return PretrainArguments, PretrainConfig, ModelArguments
+
+
 # Stage name -> the dataclasses its recipe fills, in the order parse_recipe returns them.
 STAGES: dict[str, Callable[[], tuple[type, ...]]] = {
     "sft": _sft_types,
+    "pretrain": _pretrain_types,
 }
 
 
@@ -143,8 +150,11 @@ def stage_types(stage: str) -> tuple[type, ...]:
     return STAGES[stage]()
 
 
-def parse_recipe(stage: str, args: list[str] | None = None) -> tuple[Any, ...]:
-    """Parse `--config FILE.yaml` plus `--key value` overrides into the stage's dataclasses."""
+def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = True) -> tuple[Any, ...]:
+    """Parse `--config FILE.yaml` plus `--key value` overrides into the stage's dataclasses.
+
+    With check_paths=False, local inputs need not exist yet (e.g. the output of an earlier stage).
+    """
     args = list(sys.argv[1:] if args is None else args)
     config_path, cli_args = _pop_config_arg(args)
     dataclass_types = stage_types(stage)
@@ -180,20 +190,20 @@ def parse_recipe(stage: str, args: list[str] | None = None) -> tuple[Any, ...]:
             "unknown command-line argument(s): "
             + "; ".join(f"{flag}{_did_you_mean(flag.lstrip('-').split('=')[0], names)}" for flag in flags)
         )
-    problems = check_semantics(parsed)
+    problems = check_semantics(parsed) + (check_local_paths(parsed) if check_paths else [])
     if problems:
         raise RecipeError(_format_problems(where, problems))
     return tuple(parsed)
 
 
-def validate_recipe_file(path: str, stage: str | None = None) -> str:
+def validate_recipe_file(path: str, stage: str | None = None, check_paths: bool = True) -> str:
     """Parse a stage recipe exactly as its script would, without training. Returns the stage name."""
     import torch
 
     stage = stage or stage_of_recipe(path)
     # A GPU recipe (bf16) must validate on a machine without one, so validation runs it as if on CPU.
     on_cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    parse_recipe(stage, ["--config", path, *on_cpu])
+    parse_recipe(stage, ["--config", path, *on_cpu], check_paths)
     return stage
 
 
@@ -515,12 +525,15 @@ def local_path_problem(value: str, what: str) -> str | None:
     return None
 
 
+def _find(parsed: list[Any], attribute: str) -> Any:
+    return next((obj for obj in parsed if hasattr(obj, attribute)), None)
+
+
 def check_semantics(parsed: list[Any]) -> list[Problem]:
-    """Checks across keys, and that every local path in the recipe exists."""
+    """Checks across keys: what one key requires of another."""
     problems: list[Problem] = []
     script = next((obj for obj in parsed if isinstance(obj, ScriptArguments)), None)
-    model = next((obj for obj in parsed if hasattr(obj, "model_name_or_path")), None)
-    training = next((obj for obj in parsed if hasattr(obj, "output_dir")), None)
+    model, training = _find(parsed, "model_name_or_path"), _find(parsed, "output_dir")
 
     if model is not None:
         if bool(model.model_name_or_path) == bool(model.model_config):
@@ -531,12 +544,6 @@ def check_semantics(parsed: list[Any]) -> list[Problem]:
                     "local model directory) or 'model_config' (to train from scratch)",
                 )
             )
-        if model.model_name_or_path and (
-            message := local_path_problem(model.model_name_or_path, "model directory")
-        ):
-            problems.append(Problem("model_name_or_path", message))
-        if isinstance(model.model_config, str) and not os.path.isfile(os.path.expanduser(model.model_config)):
-            problems.append(Problem("model_config", f"no such config file: {model.model_config!r}"))
         if model.model_config and not model.tokenizer_name_or_path:
             problems.append(
                 Problem(
@@ -544,17 +551,6 @@ def check_semantics(parsed: list[Any]) -> list[Problem]:
                     "a model built from 'model_config' needs a tokenizer: set 'tokenizer_name_or_path'",
                 )
             )
-        if model.tokenizer_name_or_path and (
-            message := local_path_problem(model.tokenizer_name_or_path, "tokenizer directory")
-        ):
-            problems.append(Problem("tokenizer_name_or_path", message))
-        template = model.chat_template
-        if (
-            template
-            and template.endswith((".jinja", ".j2"))
-            and not os.path.isfile(os.path.expanduser(template))
-        ):
-            problems.append(Problem("chat_template", f"no such template file: {template!r}"))
         if model.model_config and model.use_peft:
             problems.append(
                 Problem(
@@ -586,16 +582,13 @@ def check_semantics(parsed: list[Any]) -> list[Problem]:
             )
         for key in ("datasets", "eval_datasets"):
             for index, source in enumerate(getattr(script, key)):
-                if message := local_path_problem(source.path, "dataset file or directory"):
-                    problems.append(Problem(f"{key}[{index}].path", message))
                 if source.weight <= 0:
                     problems.append(Problem(f"{key}[{index}].weight", f"must be > 0, got {source.weight}"))
-        has_eval = bool(script.eval_datasets) or bool(script.test_split_size)
-        if (
+        evaluates = (
             training is not None
             and str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no"
-            and not has_eval
-        ):
+        )
+        if evaluates and not (script.eval_datasets or script.test_split_size):
             problems.append(
                 Problem(
                     "eval_strategy",
@@ -603,9 +596,39 @@ def check_semantics(parsed: list[Any]) -> list[Problem]:
                     "'eval_datasets' or 'test_split_size' (or eval_strategy: 'no')",
                 )
             )
+    return problems
 
-    if training is not None:
-        path = getattr(training, "chat_template_path", None)
-        if path and (message := local_path_problem(path, "chat template")):
-            problems.append(Problem("chat_template_path", message))
+
+def check_local_paths(parsed: list[Any]) -> list[Problem]:
+    """Every local input the recipe names must exist; a value that may be a Hub id is left to the Hub."""
+    may_be_hub_id: list[tuple[str, str | None, str]] = []  # (key, value, what it is)
+    local_only: list[tuple[str, str | None, str]] = []
+    model = _find(parsed, "model_name_or_path")
+    if model is not None:
+        may_be_hub_id += [
+            ("model_name_or_path", model.model_name_or_path, "model directory"),
+            ("tokenizer_name_or_path", model.tokenizer_name_or_path, "tokenizer directory"),
+        ]
+        if isinstance(model.model_config, str):
+            local_only.append(("model_config", model.model_config, "config file"))
+        if model.chat_template and model.chat_template.endswith((".jinja", ".j2")):
+            local_only.append(("chat_template", model.chat_template, "template file"))
+    for obj in parsed:
+        for key in ("datasets", "eval_datasets"):
+            for index, source in enumerate(getattr(obj, key, None) or []):
+                may_be_hub_id.append((f"{key}[{index}].path", source.path, "dataset file or directory"))
+        may_be_hub_id.append(
+            ("chat_template_path", getattr(obj, "chat_template_path", None), "chat template")
+        )
+        local_only.append(("dataset_path", getattr(obj, "dataset_path", None), "dataset directory"))
+    problems = [
+        Problem(key, message)
+        for key, value, what in may_be_hub_id
+        if value and (message := local_path_problem(value, what))
+    ]
+    problems += [
+        Problem(key, f"no such local {what}: {value!r}")
+        for key, value, what in local_only
+        if value and not os.path.exists(os.path.expanduser(value))
+    ]
     return problems

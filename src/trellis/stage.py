@@ -32,20 +32,26 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N in output_dir that was fully written.
+def checkpoints_by_step(output_dir: str) -> list[str]:
+    """The fully written checkpoint-N directories in output_dir, oldest first.
 
     The Trainer writes trainer_state.json last, so a checkpoint without it was cut off mid-save
-    (e.g. the process was killed) and is skipped rather than resumed from.
+    (e.g. the process was killed) and is skipped.
     """
     if not os.path.isdir(output_dir):
-        return None
+        return []
     steps = []
     for name in os.listdir(output_dir):
         match = _CHECKPOINT.match(name)
         if match and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
             steps.append(int(match.group(1)))
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in sorted(steps)]
+
+
+def resume_checkpoint(training_args) -> str | None:
+    """The checkpoint a rerun continues from: the recipe's, else the newest complete one."""
+    found = checkpoints_by_step(training_args.output_dir)
+    return training_args.resume_from_checkpoint or (found[-1] if found else None)
 
 
 def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = True) -> None:
@@ -55,7 +61,7 @@ def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = 
     on held-out data.
     """
     args = trainer.args
-    checkpoint = args.resume_from_checkpoint or last_complete_checkpoint(args.output_dir)
+    checkpoint = resume_checkpoint(args)
     has_eval = trainer.eval_dataset is not None
     if checkpoint:
         logger.info("Resuming from %s", checkpoint)

@@ -1,0 +1,99 @@
+"""Causal-LM pretraining (from scratch or continued) on the data stage's packed blocks, with transformers' Trainer.
+
+    accelerate launch [--config_file accelerate_configs/fsdp.yaml] scripts/pretrain.py \
+        --config recipes/tiny/pretrain.yaml [--any_recipe_key value ...]
+
+Reads the recipe strictly, prints the memory estimate and the effective distributed setup, trains
+with warmup + cosine by default (resuming from the last checkpoint in output_dir), stops on NaN or
+loss spikes before the bad update, and writes the model plus, if asked, its EMA and checkpoint-average
+variants; raw, EMA and averaged weights are all evaluated on the validation split and recorded.
+"""
+
+import os
+
+from trellis.config import parse_recipe
+from trellis.errors import exit_on_error
+
+
+def main() -> None:
+    pretrain_args, training_args, model_args = parse_recipe("pretrain")
+
+    from transformers import set_seed
+
+    from trellis import models, pretraining
+    from trellis.averaging import average_checkpoints, last_checkpoints
+    from trellis.distributed import check_distributed_setup, effective_sharding
+    from trellis.memory import estimate_for_model
+    from trellis.run_record import RunRecord
+    from trellis.stage import logger, resume_checkpoint, save_final_model, setup_logging, train_and_evaluate
+
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    configs = {"pretrain": pretrain_args, "model": model_args, "training": training_args}
+    with RunRecord("pretrain", training_args.output_dir, configs, training_args.process_index == 0) as record:
+        data = pretraining.load_packed(pretrain_args.dataset_path)
+        record.set_input("dataset", {split: ds._fingerprint for split, ds in data.items()})
+        tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code)
+        model = models.load_model(model_args, tokenizer, training_args)
+
+        ema = None
+        if pretrain_args.ema_decay:
+            ema = pretraining.EMACallback(
+                pretrain_args.ema_decay,
+                pretrain_args.ema_start_step,
+                pretrain_args.ema_update_every,
+                resume_from=resume_checkpoint(training_args),
+            )
+        trainer = pretraining.GuardedTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=data["train"],
+            eval_dataset=data["validation"],
+            data_collator=pretraining.collate_blocks,
+            processing_class=tokenizer,
+            callbacks=[ema] if ema else None,
+            loss_spike_factor=pretrain_args.loss_spike_factor,
+        )
+        check_distributed_setup(trainer.accelerator)
+        estimate = estimate_for_model(
+            model,
+            training_args,
+            len(data["train"][0]["input_ids"]),
+            effective_sharding(trainer.accelerator),
+            trainer.accelerator.num_processes,
+        )
+        logger.info(estimate.table())
+        record.data["memory_estimate_gib"] = estimate.as_gib()
+
+        train_and_evaluate(trainer, record)
+        save_final_model(trainer, model_args)
+
+        # Evaluate the alternatives to the last raw weights; the user keeps whichever is best.
+        variants = {}
+        if ema:
+            variants["ema"] = ema.shadow
+        if pretrain_args.average_last_checkpoints:
+            from safetensors.torch import load_file
+
+            averaged = average_checkpoints(
+                last_checkpoints(training_args.output_dir, pretrain_args.average_last_checkpoints),
+                os.path.join(training_args.output_dir, "averaged"),
+            )
+            variants["averaged"] = load_file(os.path.join(averaged, "model.safetensors"))
+        for name, weights in variants.items():
+            raw = pretraining.swap_weights(trainer.model, weights)
+            if name == "ema":
+                trainer.save_model(os.path.join(training_args.output_dir, "ema"))
+            record.set_metrics(f"eval_{name}", trainer.evaluate(metric_key_prefix="eval"))
+            pretraining.swap_weights(trainer.model, raw)
+        for name in ("eval", *(f"eval_{v}" for v in variants)):
+            loss = record.data["metrics"][name]["eval_loss"]
+            record.data["metrics"][name]["eval_perplexity"] = pretraining.perplexity(loss)
+            logger.info(
+                "%-14s validation loss %.4f, perplexity %.2f", name, loss, pretraining.perplexity(loss)
+            )
+
+
+if __name__ == "__main__":
+    with exit_on_error():
+        main()

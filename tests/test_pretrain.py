@@ -1,0 +1,223 @@
+"""The pretraining stage: the tiny model must learn, EMA and averaged weights load and are evaluated,
+the divergence guard stops before a bad update, and a killed run resumes onto the same curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import SCRIPTS, run_script
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trellis.averaging import average_checkpoints
+from trellis.memory import estimate_training_memory
+from trellis.pretraining import DivergenceError, GuardedTrainer, PretrainConfig, collate_blocks
+from trellis.run_record import read_record
+
+BLOCK = 64
+
+
+@pytest.fixture(scope="module")
+def packed_data(workdir, tmp_path_factory) -> Path:
+    """A directory in the data stage's output contract (packed/ + tokenizer/), from the tiny corpus."""
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "data/tiny/tokenizer")
+    out = tmp_path_factory.mktemp("data")
+    splits = {}
+    for split, name in (("train", "train"), ("validation", "validation")):
+        docs = [
+            json.loads(line)["text"]
+            for line in (workdir / f"data/tiny/corpus/{name}.jsonl").read_text().splitlines()
+        ]
+        ids = [t for doc in tokenizer(docs)["input_ids"] for t in [*doc, tokenizer.eos_token_id]]
+        splits[split] = datasets.Dataset.from_dict(
+            {"input_ids": [ids[i : i + BLOCK] for i in range(0, len(ids) - BLOCK + 1, BLOCK)]}
+        )
+    datasets.DatasetDict(splits).save_to_disk(str(out / "packed"))
+    tokenizer.save_pretrained(out / "tokenizer")
+    return out
+
+
+def pretrain(workdir, data: Path, out: Path, *overrides: str, env: dict | None = None):
+    args = [
+        "pretrain.py",
+        "--config",
+        "recipes/tiny/pretrain.yaml",
+        "--dataset_path",
+        str(data),
+        "--tokenizer_name_or_path",
+        str(data / "tokenizer"),
+        "--output_dir",
+        str(out),
+        *overrides,
+    ]
+    if env:
+        os.environ.update(env)
+    try:
+        return run_script(args, cwd=workdir)
+    finally:
+        for key in env or {}:
+            os.environ.pop(key)
+
+
+def validation_loss(model_dir: Path, data: Path) -> float:
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    blocks = torch.tensor(datasets.load_from_disk(str(data / "packed"))["validation"]["input_ids"])
+    with torch.no_grad():
+        losses = [model(input_ids=b, labels=b).loss for b in blocks.split(32)]
+    return float(torch.stack(losses).mean())
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_learns_with_ema_and_averaging(workdir, packed_data, tmp_path):
+    out = tmp_path / "pretrain"
+    # On CPU, accelerate drops FSDP silently; the stage must say so.
+    result = pretrain(workdir, packed_data, out, env={"ACCELERATE_USE_FSDP": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "Estimated memory per device" in log and "accelerate fell back" in log
+
+    record = read_record(str(out))
+    metrics = record["metrics"]
+    untrained = math.exp(metrics["initial"]["eval_loss"])
+    assert untrained > 300  # about uniform over the 634-token vocabulary
+    assert metrics["eval"]["eval_perplexity"] < 8, metrics["eval"]
+    assert metrics["eval_ema"]["eval_loss"] <= metrics["eval"]["eval_loss"] + 0.01
+    assert metrics["eval_averaged"]["eval_loss"] < metrics["initial"]["eval_loss"] / 2
+    assert record["memory_estimate_gib"]["total"] > 0
+
+    # Every variant is a model directory that loads and scores what the record says.
+    for variant, name in (("", "eval"), ("ema", "eval_ema"), ("averaged", "eval_averaged")):
+        loss = validation_loss(out / variant, packed_data)
+        assert loss == pytest.approx(metrics[name]["eval_loss"], abs=2e-3), variant
+
+
+@pytest.mark.slow
+def test_killed_pretraining_resumes_onto_the_same_curve(workdir, packed_data, tmp_path):
+    overrides = [
+        "--max_steps",
+        "60",
+        "--save_steps",
+        "20",
+        "--eval_steps",
+        "60",
+        "--average_last_checkpoints",
+        "0",
+    ]
+    killed = tmp_path / "killed"
+    command = [
+        sys.executable,
+        str(SCRIPTS / "pretrain.py"),
+        "--config",
+        "recipes/tiny/pretrain.yaml",
+        "--dataset_path",
+        str(packed_data),
+        "--tokenizer_name_or_path",
+        str(packed_data / "tokenizer"),
+        "--output_dir",
+        str(killed),
+        *overrides,
+    ]
+    process = subprocess.Popen(
+        command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    marker = killed / "checkpoint-20" / "trainer_state.json"
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert read_record(str(killed))["status"] == "running"
+
+    resumed = pretrain(workdir, packed_data, killed, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = pretrain(workdir, packed_data, tmp_path / "reference", *overrides)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    got, want = read_record(str(killed)), read_record(str(tmp_path / "reference"))
+    assert got["resumed_from"] in ("checkpoint-20", "checkpoint-40")
+    for name in ("eval", "eval_ema"):  # the EMA state is checkpointed too
+        assert got["metrics"][name]["eval_loss"] == pytest.approx(
+            want["metrics"][name]["eval_loss"], abs=1e-4
+        )
+
+
+def test_divergence_guard_stops_before_the_bad_update(workdir, packed_data, tmp_path):
+    from trellis.models import _config_from_recipe
+
+    tokenizer = AutoTokenizer.from_pretrained(packed_data / "tokenizer")
+    model = AutoModelForCausalLM.from_config(
+        _config_from_recipe(str(workdir / "recipes/tiny/model.json"), tokenizer)
+    )
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):  # the 8th forward pass returns a NaN loss
+        calls["n"] += 1
+        if calls["n"] == 8:
+            output.loss = output.loss * float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    args = PretrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=20,
+        save_steps=5,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="steps",
+    )
+    trainer = GuardedTrainer(
+        model=model,
+        args=args,
+        data_collator=collate_blocks,
+        train_dataset=datasets.load_from_disk(str(packed_data / "packed"))["train"],
+    )
+    with pytest.raises(DivergenceError, match="loss is nan at step 8"):
+        trainer.train()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-5"]
+    weights = load_file(str(tmp_path / "checkpoint-5" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "the NaN update was never applied"
+
+
+def test_checkpoint_averaging_is_the_weighted_mean(tmp_path):
+    for step, value in ((1, 1.0), (2, 2.0), (3, 4.0)):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        save_file({"w": torch.full((2, 2), value)}, str(path / "model.safetensors"))
+        (path / "config.json").write_text("{}")
+    paths = [str(tmp_path / f"checkpoint-{s}") for s in (1, 2, 3)]
+    uniform = average_checkpoints(paths, str(tmp_path / "uniform"))
+    assert torch.allclose(load_file(f"{uniform}/model.safetensors")["w"], torch.full((2, 2), 7 / 3))
+    weighted = average_checkpoints(paths, str(tmp_path / "weighted"), [0.0, 1.0, 3.0])
+    assert torch.allclose(load_file(f"{weighted}/model.safetensors")["w"], torch.full((2, 2), 3.5))
+    assert (tmp_path / "weighted" / "config.json").exists()
+
+
+def test_memory_estimate_arithmetic():
+    kw = dict(
+        params=1_000_000,
+        trainable=1_000_000,
+        param_bytes=4,
+        batch_size=2,
+        seq_len=128,
+        hidden_size=64,
+        num_layers=2,
+        vocab_size=1000,
+    )
+    single = estimate_training_memory(**kw)
+    assert (single.weights, single.gradients, single.optimizer) == (4e6, 4e6, 8e6)
+    sharded = estimate_training_memory(**kw, sharding="fsdp", world_size=4)
+    assert (sharded.weights, sharded.gradients, sharded.optimizer) == (1e6, 1e6, 2e6)
+    zero2 = estimate_training_memory(**kw, sharding="zero2", world_size=4)
+    assert (zero2.weights, zero2.gradients, zero2.optimizer) == (4e6, 1e6, 2e6)
+    checkpointed = estimate_training_memory(**kw, activation_checkpointing=True)
+    assert checkpointed.activations < single.activations
