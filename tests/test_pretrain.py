@@ -14,7 +14,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import SCRIPTS, run_script
+from conftest import SCRIPTS, run_script, wait_for_file
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,9 +129,7 @@ def test_killed_pretraining_resumes_onto_the_same_curve(workdir, packed_data, tm
     process = subprocess.Popen(
         command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    marker = killed / "checkpoint-20" / "trainer_state.json"
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read()[-3000:]
+    wait_for_file(killed / "checkpoint-20" / "trainer_state.json", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert read_record(str(killed))["status"] == "running"

@@ -7,12 +7,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SCRIPTS, run_script, write_recipe
+from conftest import SCRIPTS, run_script, wait_for_file, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trellis.run_record import read_record
@@ -181,14 +180,6 @@ def test_adapter_sft(workdir, tmp_path, base_model, variant):
     assert reply  # it loads and generates
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(workdir, tmp_path):
     overrides = ["--max_steps", "90", "--save_steps", "30", "--eval_steps", "30", "--logging_steps", "10"]
@@ -202,7 +193,7 @@ def test_killed_run_resumes_from_its_checkpoint(workdir, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for(killed / "checkpoint-30" / "trainer_state.json", process)
+    wait_for_file(killed / "checkpoint-30" / "trainer_state.json", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert read_record(str(killed))["status"] == "running", "a killed run must not look complete"
