@@ -14,6 +14,7 @@ import difflib
 import enum
 import glob
 import os
+import re
 import sys
 import types
 import typing
@@ -818,6 +819,13 @@ def _data_problems(data: DataArguments) -> list[Problem]:
         problems.append(Problem("tokenizer_name_or_path", message))
     if data.blocklist_file and not os.path.isfile(os.path.expanduser(data.blocklist_file)):
         problems.append(Problem("blocklist_file", f"no such file: {data.blocklist_file!r}"))
+    for index, pattern in enumerate(data.boilerplate_patterns):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            problems.append(
+                Problem(f"boilerplate_patterns[{index}]", f"not a valid regular expression: {error}")
+            )
     for key in ("max_top_ngram_fraction", "max_duplicate_ngram_fraction"):
         table = getattr(data, key)
         if not all(isinstance(n, int) and n > 0 and isinstance(v, (int, float)) for n, v in table.items()):

@@ -132,6 +132,15 @@ def load_packed(output_dir: str):
 # --- the report -----------------------------------------------------------------------------------
 
 
+def utf8_bytes(dataset) -> int:
+    """UTF-8 size of the `text` column (of the selected rows), computed in Arrow."""
+    import pyarrow.compute as pc
+
+    if "text" not in dataset.column_names or len(dataset) == 0:
+        return 0
+    return int(pc.sum(pc.binary_length(dataset.with_format("arrow")["text"])).as_py())
+
+
 def _example(text: str) -> str:
     return text if len(text) <= _EXAMPLE_CHARS else text[:_EXAMPLE_CHARS] + "..."
 
@@ -145,7 +154,11 @@ class Report:
 
     @contextmanager
     def step(self, name: str, dataset) -> Iterator[dict[str, Any]]:
-        entry: dict[str, Any] = {"step": name, "documents_in": len(dataset) if dataset is not None else 0}
+        entry: dict[str, Any] = {
+            "step": name,
+            "documents_in": len(dataset) if dataset is not None else 0,
+            "bytes_in": utf8_bytes(dataset) if dataset is not None else 0,
+        }
         logger.info("Step %s: %d documents in", name, entry["documents_in"])
         start = time.perf_counter()
         yield entry
@@ -162,12 +175,12 @@ class Report:
         lines = [
             "# Data report",
             "",
-            "| step | documents in | documents out | words out | seconds |",
-            "|---|---:|---:|---:|---:|",
+            "| step | documents in | MB in | documents out | words out | seconds |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for s in self.steps:
             lines.append(
-                f"| {s['step']} | {s['documents_in']} | {s.get('documents_out', '')} | "
+                f"| {s['step']} | {s['documents_in']} | {s['bytes_in'] / 1e6:.3f} | {s.get('documents_out', '')} | "
                 f"{s.get('words_out', '')} | {s['seconds']} |"
             )
         for section, value in self.details.items():
@@ -272,7 +285,7 @@ def _removal_summary(dataset, reasons: list[str], keep_examples: int) -> dict[st
 
 
 def _words(dataset) -> int:
-    return int(np.sum(dataset.with_format("numpy")["words"])) if len(dataset) else 0
+    return int(np.sum(dataset.with_format("numpy")[:]["words"])) if len(dataset) else 0
 
 
 def _minhash_batch(batch: dict, hasher: dedup.MinHasher) -> dict:
@@ -306,7 +319,7 @@ def prepare(args: DataArguments, num_proc: int, record) -> Report:
 
     with report.step("load", None) as step:
         corpus = load_corpus(args)
-        step.update(documents_out=len(corpus), characters=int(sum(len(t) for t in corpus["text"])))
+        step.update(documents_out=len(corpus), bytes_out=utf8_bytes(corpus))
     record.set_input("documents", len(corpus))
 
     with report.step("clean", corpus) as step:
@@ -320,7 +333,7 @@ def prepare(args: DataArguments, num_proc: int, record) -> Report:
         removed = _removal_summary(corpus, reasons, args.report_examples)
         corpus = corpus.filter(lambda r: [not x for x in r], input_columns="reason", batched=True)
         corpus = corpus.remove_columns("reason")
-        step.update(documents_out=len(corpus), words_out=_words(corpus), removed=removed)
+        step.update(documents_out=len(corpus), words_out=_words(corpus))
         report.details["filters"] = removed
         _ensure_documents(corpus, "filter", {k: v["removed"] for k, v in removed.items()})
 
@@ -357,7 +370,7 @@ def prepare(args: DataArguments, num_proc: int, record) -> Report:
         with report.step("near_dedup", corpus) as step:
             hasher = dedup.MinHasher(args.minhash_num_perm, args.minhash_ngram, args.seed)
             signed = corpus.map(_minhash_batch, fn_kwargs={"hasher": hasher}, desc="MinHash", **map_kwargs)
-            signatures = np.asarray(signed.with_format("numpy")["minhash"], dtype=np.uint32)
+            signatures = np.asarray(signed.with_format("numpy")[:]["minhash"], dtype=np.uint32)
             clusters = dedup.near_duplicate_clusters(
                 signatures,
                 args.minhash_bands,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from trellis.config import DataArguments
 
@@ -178,27 +179,46 @@ def repetition_reason(text: str, words: list[str], args: DataArguments) -> str |
         by_count, by_chars = _duplicate_fraction(paragraphs)
         if max(by_count, by_chars) > args.max_duplicate_paragraph_fraction:
             return "repetition: duplicate paragraphs"
-    total_chars = sum(len(w) for w in words) or 1
+    if not words:
+        return None
+    # Word n-grams as integers (word ids combined by a rolling hash), so counting is numpy work.
+    ids: dict[str, int] = {}
+    word_ids = np.fromiter((ids.setdefault(w, len(ids)) for w in words), dtype=np.uint64, count=len(words))
+    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+    total_chars = int(lengths.sum()) or 1
     for n, limit in sorted(args.max_top_ngram_fraction.items()):
-        ngrams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-        if not ngrams:
+        if len(words) < n:
             continue
-        top, count = ngrams.most_common(1)[0]
-        if count > 1 and count * sum(len(w) for w in top) / total_chars > limit:
+        grams = _ngram_ids(word_ids, n)
+        values, first, counts = np.unique(grams, return_index=True, return_counts=True)
+        top = int(np.argmax(counts))
+        top_chars = int(lengths[first[top] : first[top] + n].sum())
+        if counts[top] > 1 and counts[top] * top_chars / total_chars > limit:
             return f"repetition: top {n}-gram"
     for n, limit in sorted(args.max_duplicate_ngram_fraction.items()):
         if len(words) < n:
             continue
-        # Characters of words covered by an n-gram seen before (each word counted once).
-        seen, covered = set(), [False] * len(words)
-        for i in range(len(words) - n + 1):
-            gram = tuple(words[i : i + n])
-            if gram in seen:
-                covered[i : i + n] = [True] * n
-            seen.add(gram)
-        if sum(len(w) for w, c in zip(words, covered, strict=True) if c) / total_chars > limit:
+        grams = _ngram_ids(word_ids, n)
+        repeated = np.ones(len(grams), dtype=bool)
+        repeated[np.unique(grams, return_index=True)[1]] = False  # first occurrences are not repeats
+        # Words covered by a repeated n-gram, each counted once.
+        coverage = np.zeros(len(words) + 1, dtype=np.int64)
+        starts = np.flatnonzero(repeated)
+        np.add.at(coverage, starts, 1)
+        np.add.at(coverage, starts + n, -1)
+        covered = np.cumsum(coverage[:-1]) > 0
+        if int(lengths[covered].sum()) / total_chars > limit:
             return f"repetition: duplicate {n}-grams"
     return None
+
+
+def _ngram_ids(word_ids: np.ndarray, n: int) -> np.ndarray:
+    count = len(word_ids) - n + 1
+    grams = np.zeros(count, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is intended
+        for offset in range(n):
+            grams = grams * np.uint64(1_000_003) + word_ids[offset : offset + count] + np.uint64(1)
+    return grams
 
 
 @lru_cache(maxsize=4)
