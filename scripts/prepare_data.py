@@ -18,6 +18,8 @@ from trellis.errors import exit_on_error
 
 def main() -> None:
     (args,) = parse_recipe("data")
+    if int(os.environ.get("RANK", "0")) > 0:
+        return  # under a multi-process launcher one process does the work, with num_proc workers
 
     from trellis import corpus
     from trellis.run_record import RunRecord
