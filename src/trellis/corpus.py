@@ -41,6 +41,7 @@ TOKENIZER_DIR = "tokenizer"
 REPORT_JSON = "data_report.json"
 REPORT_MD = "data_report.md"
 _EXAMPLE_CHARS = 300
+_COMPRESSION_SAMPLE = 2000  # held-out documents the tokenizer's compression is measured on
 # Code whose change must invalidate a cached result.
 _CODE_FILES = ("corpus.py", "dedup.py", "text_quality.py", "tokenizer.py", "data.py")
 
@@ -103,6 +104,7 @@ def is_up_to_date(output_dir: str, expected: str) -> bool:
         and record.get("status") == "complete"
         and record.get("inputs", {}).get("fingerprint") == expected
         and os.path.isdir(os.path.join(output_dir, PACKED_DIR))
+        and os.path.isdir(os.path.join(output_dir, TOKENIZER_DIR))
     )
 
 
@@ -408,7 +410,8 @@ def prepare(args: DataArguments, num_proc: int, record) -> Report:
     with report.step("tokenizer", documents["train"]) as step:
         tokenizer = build_tokenizer(args, documents["train"])
         tokenizer.save_pretrained(os.path.join(args.output_dir, TOKENIZER_DIR))
-        stats = compression(tokenizer, list(documents["validation"]["text"]))
+        sample = documents["validation"].select(range(min(len(documents["validation"]), _COMPRESSION_SAMPLE)))
+        stats = compression(tokenizer, list(sample["text"]))
         stats["vocab_size"] = len(tokenizer)
         stats["trained"] = args.tokenizer_name_or_path is None
         step.update(documents_out=len(documents["train"]), **stats)
