@@ -299,3 +299,18 @@ def test_benchmark_script_arithmetic(workdir, tmp_path):
         )
     assert {"tokenization_alone", "clean", "near_dedup"} <= {row["step"] for row in figures["steps"]}
     assert "MB/s per core" in result.stdout
+
+
+def test_streaming_source_reads_max_documents_of_its_text_field(tmp_path):
+    from trellis.config import DataArguments
+    from trellis.corpus import load_corpus
+
+    source = tmp_path / "pages.jsonl"
+    source.write_text("".join(json.dumps({"url": f"u{i}", "body": f"page {i}"}) + "\n" for i in range(50)))
+    spec = {"path": str(source), "text_field": "body", "streaming": True, "max_documents": 20}
+    loaded = load_corpus(DataArguments(output_dir=str(tmp_path), datasets=[spec]))
+    assert (
+        loaded.column_names == ["text"] and loaded["text"][:2] == ["page 0", "page 1"] and len(loaded) == 20
+    )
+    with pytest.raises(DataError, match="no text column 'content'.*'body', 'url'"):
+        load_corpus(DataArguments(output_dir=str(tmp_path), datasets=[{**spec, "text_field": "content"}]))

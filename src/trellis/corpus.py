@@ -233,17 +233,14 @@ def _load_text_source(source: DatasetSource, column: str):
     import datasets
 
     if source.streaming:
-        stream = load_source(source, streaming=True)
-        records = stream.take(source.max_documents) if source.max_documents else stream
-
-        def texts():
-            for record in records:
-                if column not in record:
-                    raise DataError(_missing_column(source, column, list(record)))
-                yield {"text": record[column]}
-
+        # Check the first record here: an error inside the generator would surface wrapped by datasets.
+        first = next(iter(load_source(source, streaming=True)), None)
+        if first is not None and column not in first:
+            raise DataError(_missing_column(source, column, list(first)))
         return datasets.Dataset.from_generator(
-            texts, features=datasets.Features({"text": datasets.Value("string")})
+            _stream_texts,
+            gen_kwargs={"source": source, "column": column},
+            features=datasets.Features({"text": datasets.Value("string")}),
         )
     dataset = load_source(source)
     if column not in dataset.column_names:
@@ -252,6 +249,12 @@ def _load_text_source(source: DatasetSource, column: str):
         dataset = dataset.select(range(min(source.max_documents, len(dataset))))
     dataset = dataset.select_columns([column])
     return dataset.rename_column(column, "text") if column != "text" else dataset
+
+
+def _stream_texts(source: DatasetSource, column: str) -> Iterator[dict]:
+    stream = load_source(source, streaming=True)
+    for record in stream.take(source.max_documents) if source.max_documents else stream:
+        yield {"text": record[column]}
 
 
 def _missing_column(source: DatasetSource, column: str, columns: list[str]) -> str:
