@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TINY_DATA := data/tiny
 CPU_LAUNCH := $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml
 
-.PHONY: install tiny tiny-data test lint format clean
+.PHONY: install tiny tiny-data tiny-prepare-data test lint format clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 tiny-data: install
 	$(BIN)/trellis tiny-data --output_dir $(TINY_DATA)
 
-# The tiny default on CPU, no downloads: generate the data and tokenizer, then fine-tune.
-tiny: tiny-data
+# The data stage on the tiny corpus: packed blocks, a trained tokenizer and a report in outputs/tiny/data.
+tiny-prepare-data: tiny-data
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/prepare_data.py --config recipes/tiny/data.yaml
+
+# The tiny default on CPU, no downloads: generate the world, then run each stage on it in order.
+tiny: tiny-prepare-data
+	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/pretrain.py --config recipes/tiny/pretrain.yaml
 	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/sft.py --config recipes/tiny/sft.yaml
 
 test: install

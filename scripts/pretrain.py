@@ -22,6 +22,7 @@ def main() -> None:
 
     from trellis import models, pretraining
     from trellis.averaging import average_checkpoints, last_checkpoints
+    from trellis.corpus import load_packed
     from trellis.distributed import check_distributed_setup, effective_sharding
     from trellis.memory import estimate_for_model
     from trellis.run_record import RunRecord
@@ -31,9 +32,8 @@ def main() -> None:
     set_seed(training_args.seed)
     configs = {"pretrain": pretrain_args, "model": model_args, "training": training_args}
     with RunRecord("pretrain", training_args.output_dir, configs, training_args.process_index == 0) as record:
-        data = pretraining.load_packed(pretrain_args.dataset_path)
+        data, tokenizer = load_packed(pretrain_args.dataset_path)  # the tokenizer the data was packed with
         record.set_input("dataset", {split: ds._fingerprint for split, ds in data.items()})
-        tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code)
         model = models.load_model(model_args, tokenizer, training_args)
 
         ema = None

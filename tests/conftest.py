@@ -31,6 +31,17 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_data_output(workdir) -> Path:
+    """recipes/tiny/data.yaml run once on the generated tiny corpus (as `make tiny` does); its output_dir."""
+    start = time.monotonic()
+    result = run_script(["prepare_data.py", "--config", "recipes/tiny/data.yaml"], cwd=workdir)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elapsed < 60, f"the tiny data stage took {elapsed:.0f} s"  # issue 3: under a minute on 2 cores
+    return workdir / "outputs" / "tiny" / "data"
+
+
 def run_script(args: list[str], cwd: Path, timeout: float = 600, launcher: list[str] | None = None):
     """Run `python scripts/<name>.py ...` (or under a launcher such as accelerate) and capture its output."""
     script, *rest = args

@@ -3,7 +3,6 @@ the divergence guard stops before a bad update, and a killed run resumes onto th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -23,42 +22,10 @@ from trellis.memory import estimate_training_memory
 from trellis.pretraining import DivergenceError, GuardedTrainer, PretrainConfig, collate_blocks
 from trellis.run_record import read_record
 
-BLOCK = 64
 
-
-@pytest.fixture(scope="module")
-def packed_data(workdir, tmp_path_factory) -> Path:
-    """A directory in the data stage's output contract (packed/ + tokenizer/), from the tiny corpus."""
-    tokenizer = AutoTokenizer.from_pretrained(workdir / "data/tiny/tokenizer")
-    out = tmp_path_factory.mktemp("data")
-    splits = {}
-    for split, name in (("train", "train"), ("validation", "validation")):
-        docs = [
-            json.loads(line)["text"]
-            for line in (workdir / f"data/tiny/corpus/{name}.jsonl").read_text().splitlines()
-        ]
-        ids = [t for doc in tokenizer(docs)["input_ids"] for t in [*doc, tokenizer.eos_token_id]]
-        splits[split] = datasets.Dataset.from_dict(
-            {"input_ids": [ids[i : i + BLOCK] for i in range(0, len(ids) - BLOCK + 1, BLOCK)]}
-        )
-    datasets.DatasetDict(splits).save_to_disk(str(out / "packed"))
-    tokenizer.save_pretrained(out / "tokenizer")
-    return out
-
-
-def pretrain(workdir, data: Path, out: Path, *overrides: str, env: dict | None = None):
-    args = [
-        "pretrain.py",
-        "--config",
-        "recipes/tiny/pretrain.yaml",
-        "--dataset_path",
-        str(data),
-        "--tokenizer_name_or_path",
-        str(data / "tokenizer"),
-        "--output_dir",
-        str(out),
-        *overrides,
-    ]
+def pretrain(workdir, out: Path, *overrides: str, env: dict | None = None):
+    """recipes/tiny/pretrain.yaml as a user runs it (it reads outputs/tiny/data of the workdir)."""
+    args = ["pretrain.py", "--config", "recipes/tiny/pretrain.yaml", "--output_dir", str(out), *overrides]
     if env:
         os.environ.update(env)
     try:
@@ -77,10 +44,10 @@ def validation_loss(model_dir: Path, data: Path) -> float:
 
 
 @pytest.mark.slow
-def test_tiny_pretraining_learns_with_ema_and_averaging(workdir, packed_data, tmp_path):
+def test_tiny_pretraining_learns_with_ema_and_averaging(workdir, tiny_data_output, tmp_path):
     out = tmp_path / "pretrain"
     # On CPU, accelerate drops FSDP silently; the stage must say so.
-    result = pretrain(workdir, packed_data, out, env={"ACCELERATE_USE_FSDP": "true"})
+    result = pretrain(workdir, out, env={"ACCELERATE_USE_FSDP": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "Estimated memory per device" in log and "accelerate fell back" in log
@@ -96,12 +63,12 @@ def test_tiny_pretraining_learns_with_ema_and_averaging(workdir, packed_data, tm
 
     # Every variant is a model directory that loads and scores what the record says.
     for variant, name in (("", "eval"), ("ema", "eval_ema"), ("averaged", "eval_averaged")):
-        loss = validation_loss(out / variant, packed_data)
+        loss = validation_loss(out / variant, tiny_data_output)
         assert loss == pytest.approx(metrics[name]["eval_loss"], abs=2e-3), variant
 
 
 @pytest.mark.slow
-def test_killed_pretraining_resumes_onto_the_same_curve(workdir, packed_data, tmp_path):
+def test_killed_pretraining_resumes_onto_the_same_curve(workdir, tiny_data_output, tmp_path):
     overrides = [
         "--max_steps",
         "60",
@@ -118,10 +85,6 @@ def test_killed_pretraining_resumes_onto_the_same_curve(workdir, packed_data, tm
         str(SCRIPTS / "pretrain.py"),
         "--config",
         "recipes/tiny/pretrain.yaml",
-        "--dataset_path",
-        str(packed_data),
-        "--tokenizer_name_or_path",
-        str(packed_data / "tokenizer"),
         "--output_dir",
         str(killed),
         *overrides,
@@ -134,9 +97,9 @@ def test_killed_pretraining_resumes_onto_the_same_curve(workdir, packed_data, tm
     process.wait()
     assert read_record(str(killed))["status"] == "running"
 
-    resumed = pretrain(workdir, packed_data, killed, *overrides)
+    resumed = pretrain(workdir, killed, *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    reference = pretrain(workdir, packed_data, tmp_path / "reference", *overrides)
+    reference = pretrain(workdir, tmp_path / "reference", *overrides)
     assert reference.returncode == 0, reference.stderr[-3000:]
     got, want = read_record(str(killed)), read_record(str(tmp_path / "reference"))
     assert got["resumed_from"] in ("checkpoint-20", "checkpoint-40")
@@ -146,10 +109,10 @@ def test_killed_pretraining_resumes_onto_the_same_curve(workdir, packed_data, tm
         )
 
 
-def test_divergence_guard_stops_before_the_bad_update(workdir, packed_data, tmp_path):
+def test_divergence_guard_stops_before_the_bad_update(workdir, tiny_data_output, tmp_path):
     from trellis.models import _config_from_recipe
 
-    tokenizer = AutoTokenizer.from_pretrained(packed_data / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_data_output / "tokenizer")
     model = AutoModelForCausalLM.from_config(
         _config_from_recipe(str(workdir / "recipes/tiny/model.json"), tokenizer)
     )
@@ -176,7 +139,7 @@ def test_divergence_guard_stops_before_the_bad_update(workdir, packed_data, tmp_
         model=model,
         args=args,
         data_collator=collate_blocks,
-        train_dataset=datasets.load_from_disk(str(packed_data / "packed"))["train"],
+        train_dataset=datasets.load_from_disk(str(tiny_data_output / "packed"))["train"],
     )
     with pytest.raises(DivergenceError, match="loss is nan at step 8"):
         trainer.train()

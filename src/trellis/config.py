@@ -56,6 +56,20 @@ class DatasetSource:
         default="auto",
         metadata={"help": "Record format, converted to TRL's `messages`.", "choices": list(DATASET_FORMATS)},
     )
+    text_field: str | None = field(
+        default=None,
+        metadata={"help": "Data stage: the column holding the raw text (default: `text`)."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Data stage: stream a Hub dataset instead of downloading it whole; only the text "
+            "column is kept (with `max_documents`, only that many records are read)."
+        },
+    )
+    max_documents: int | None = field(
+        default=None, metadata={"help": "Data stage: read at most this many records of the source."}
+    )
 
 
 @dataclass
@@ -84,15 +98,19 @@ class ScriptArguments:
     )
 
     def __post_init__(self) -> None:
-        self.datasets = [_as_source(item) for item in self.datasets]
-        self.eval_datasets = [_as_source(item) for item in self.eval_datasets]
+        self.datasets = [as_source(item) for item in self.datasets]
+        self.eval_datasets = [as_source(item) for item in self.eval_datasets]
 
 
 # Keys whose value is a list of mappings, checked key by key against a dataclass.
-LIST_OF_MAPPINGS: dict[str, type] = {"datasets": DatasetSource, "eval_datasets": DatasetSource}
+LIST_OF_MAPPINGS: dict[str, type] = {
+    "datasets": DatasetSource,
+    "eval_datasets": DatasetSource,
+    "decontamination_datasets": DatasetSource,
+}
 
 
-def _as_source(item: dict | DatasetSource) -> DatasetSource:
+def as_source(item: dict | DatasetSource) -> DatasetSource:
     return item if isinstance(item, DatasetSource) else DatasetSource(**item)
 
 
@@ -129,6 +147,12 @@ def _sft_types() -> tuple[type, ...]:
     return ScriptArguments, SFTConfig, ModelArguments
 
 
+def _data_types() -> tuple[type, ...]:
+    from trellis.data_recipe import DataArguments
+
+    return (DataArguments,)
+
+
 def _pretrain_types() -> tuple[type, ...]:
     from trellis.pretraining import PretrainArguments, PretrainConfig
 
@@ -137,6 +161,7 @@ def _pretrain_types() -> tuple[type, ...]:
 
 # Stage name -> the dataclasses its recipe fills, in the order parse_recipe returns them.
 STAGES: dict[str, Callable[[], tuple[type, ...]]] = {
+    "data": _data_types,
     "sft": _sft_types,
     "pretrain": _pretrain_types,
 }
@@ -202,7 +227,8 @@ def validate_recipe_file(path: str, stage: str | None = None, check_paths: bool 
 
     stage = stage or stage_of_recipe(path)
     # A GPU recipe (bf16) must validate on a machine without one, so validation runs it as if on CPU.
-    on_cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    trains = "use_cpu" in _field_names(stage_types(stage))  # the data stage has no device
+    on_cpu = ["--use_cpu", "true"] if trains and not torch.cuda.is_available() else []
     parse_recipe(stage, ["--config", path, *on_cpu], check_paths)
     return stage
 
@@ -544,7 +570,18 @@ def check_semantics(parsed: list[Any]) -> list[Problem]:
                     "local model directory) or 'model_config' (to train from scratch)",
                 )
             )
-        if model.model_config and not model.tokenizer_name_or_path:
+        reads_packed_data = (
+            _find(parsed, "dataset_path") is not None
+        )  # pretraining: the data stage's tokenizer
+        if reads_packed_data and model.tokenizer_name_or_path:
+            problems.append(
+                Problem(
+                    "tokenizer_name_or_path",
+                    "pretraining uses the tokenizer the data stage "
+                    "packed with (dataset_path/tokenizer); remove this key",
+                )
+            )
+        if model.model_config and not model.tokenizer_name_or_path and not reads_packed_data:
             problems.append(
                 Problem(
                     "tokenizer_name_or_path",
@@ -596,6 +633,9 @@ def check_semantics(parsed: list[Any]) -> list[Problem]:
                     "'eval_datasets' or 'test_split_size' (or eval_strategy: 'no')",
                 )
             )
+    for obj in parsed:  # a stage's own dataclass may check its keys against each other
+        if hasattr(obj, "recipe_problems"):
+            problems += obj.recipe_problems()
     return problems
 
 
@@ -603,24 +643,25 @@ def check_local_paths(parsed: list[Any]) -> list[Problem]:
     """Every local input the recipe names must exist; a value that may be a Hub id is left to the Hub."""
     may_be_hub_id: list[tuple[str, str | None, str]] = []  # (key, value, what it is)
     local_only: list[tuple[str, str | None, str]] = []
-    model = _find(parsed, "model_name_or_path")
-    if model is not None:
-        may_be_hub_id += [
-            ("model_name_or_path", model.model_name_or_path, "model directory"),
-            ("tokenizer_name_or_path", model.tokenizer_name_or_path, "tokenizer directory"),
-        ]
-        if isinstance(model.model_config, str):
-            local_only.append(("model_config", model.model_config, "config file"))
-        if model.chat_template and model.chat_template.endswith((".jinja", ".j2")):
-            local_only.append(("chat_template", model.chat_template, "template file"))
     for obj in parsed:
-        for key in ("datasets", "eval_datasets"):
+        for key, what in (
+            ("model_name_or_path", "model directory"),
+            ("tokenizer_name_or_path", "tokenizer directory"),
+            ("chat_template_path", "chat template"),
+        ):
+            may_be_hub_id.append((key, getattr(obj, key, None), what))
+        for key in ("datasets", "eval_datasets", "decontamination_datasets"):
             for index, source in enumerate(getattr(obj, key, None) or []):
                 may_be_hub_id.append((f"{key}[{index}].path", source.path, "dataset file or directory"))
-        may_be_hub_id.append(
-            ("chat_template_path", getattr(obj, "chat_template_path", None), "chat template")
-        )
-        local_only.append(("dataset_path", getattr(obj, "dataset_path", None), "dataset directory"))
+        model_config, template = getattr(obj, "model_config", None), getattr(obj, "chat_template", None)
+        if isinstance(model_config, str):
+            local_only.append(("model_config", model_config, "config file"))
+        if template and template.endswith((".jinja", ".j2")):
+            local_only.append(("chat_template", template, "template file"))
+        local_only += [
+            ("dataset_path", getattr(obj, "dataset_path", None), "dataset directory"),
+            ("blocklist_file", getattr(obj, "blocklist_file", None), "file"),
+        ]
     problems = [
         Problem(key, message)
         for key, value, what in may_be_hub_id

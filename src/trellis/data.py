@@ -178,14 +178,19 @@ def _builder_for(path: str) -> str:
     return _BUILDERS[suffix]
 
 
-def load_source(source: DatasetSource):
-    """Load one source as a `datasets.Dataset`: local files, a local dataset directory, or a Hub dataset."""
+def load_source(source: DatasetSource, streaming: bool = False):
+    """Load one source as a `datasets.Dataset`: local files, a local dataset directory, or a Hub dataset.
+
+    With `streaming`, files and Hub datasets come as an `IterableDataset` read lazily.
+    """
     import datasets
 
     path = os.path.expanduser(source.path)
     if os.path.isfile(path) or any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path)) or [path]
-        return datasets.load_dataset(_builder_for(files[0]), data_files=files, split="train")
+        return datasets.load_dataset(
+            _builder_for(files[0]), data_files=files, split="train", streaming=streaming
+        )
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(
             os.path.join(path, "dataset_dict.json")
@@ -196,11 +201,13 @@ def load_source(source: DatasetSource):
                     raise DataError(f"{path}: no split {source.split!r}; it has {list(loaded)}")
                 loaded = loaded[source.split]
             return loaded
-        return datasets.load_dataset(path, source.name, split=source.split)
-    return datasets.load_dataset(source.path, source.name, split=source.split, revision=source.revision)
+        return datasets.load_dataset(path, source.name, split=source.split, streaming=streaming)
+    return datasets.load_dataset(
+        source.path, source.name, split=source.split, revision=source.revision, streaming=streaming
+    )
 
 
-def _apply_weight(dataset, weight: float, seed: int):
+def apply_weight(dataset, weight: float, seed: int):
     """Keep a seeded `weight` share of the rows (weight > 1 repeats the whole dataset)."""
     import datasets
 
@@ -220,7 +227,7 @@ def load_mixture(sources: list[DatasetSource], seed: int):
     for source in sources:
         logger.info("Loading dataset %s (split %s, weight %s)", source.path, source.split, source.weight)
         dataset = convert(load_source(source), source.format, source.path)
-        parts.append(_apply_weight(dataset, source.weight, seed))
+        parts.append(apply_weight(dataset, source.weight, seed))
     columns = {tuple(sorted(part.column_names)) for part in parts}
     if len(columns) > 1:
         raise DataError(f"the sources of a mixture must share one format; got column sets {sorted(columns)}")

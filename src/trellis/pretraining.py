@@ -1,9 +1,4 @@
-"""Pretraining on packed blocks: the packed-data contract, EMA weights, and a divergence guard.
-
-The data stage writes `<dataset_path>/packed` (a `datasets.DatasetDict` saved with `save_to_disk`,
-splits `train` and `validation`, one column `input_ids` of fixed-length blocks) and
-`<dataset_path>/tokenizer`; the pretraining stage reads exactly that.
-"""
+"""Pretraining on the data stage's packed blocks (see trellis.corpus): EMA weights and a divergence guard."""
 
 from __future__ import annotations
 
@@ -141,26 +136,6 @@ class EMACallback(TrainerCallback):
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
-
-
-def load_packed(dataset_path: str):
-    """The data stage's packed blocks: a DatasetDict with `train` and `validation` splits of `input_ids`."""
-    import datasets
-
-    packed = os.path.join(dataset_path, "packed")
-    if not os.path.isdir(packed):
-        raise TrellisError(
-            f"dataset_path: no packed dataset in {packed!r}; run the data stage "
-            "(scripts/prepare_data.py) first, or point dataset_path at its output_dir"
-        )
-    data = datasets.load_from_disk(packed)
-    missing = {"train", "validation"} - set(data)
-    if missing or data["train"].column_names != ["input_ids"]:
-        raise TrellisError(
-            f"{packed}: expected splits train/validation with one column input_ids; got "
-            f"{ {split: data[split].column_names for split in data} }"
-        )
-    return data
 
 
 def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,226 @@
+"""Throughput of the data stage on a generated web-like corpus, step by step, next to tokenization alone.
+
+    python scripts/benchmark_data.py [--megabytes 100] [--num_proc N] [--work_dir DIR] [--json FILE]
+
+Generates a corpus (default 100 MB) of English-like documents with planted exact and near
+duplicates, junk and PII; runs the whole data stage on it; then tokenizes the raw corpus alone with
+the same tokenizer through the same `datasets.map`, the floor the other steps should approach.
+Prints MB/s and documents/s per core for every step. Figures are recorded in docs/benchmarks.md.
+"""
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from trellis.errors import exit_on_error
+
+STOP_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "a",
+    "in",
+    "that",
+    "is",
+    "with",
+    "for",
+    "on",
+    "as",
+    "was",
+    "be",
+    "have",
+]
+SYLLABLES = [
+    "ka",
+    "ro",
+    "te",
+    "li",
+    "mon",
+    "da",
+    "ver",
+    "sa",
+    "pel",
+    "tor",
+    "an",
+    "mi",
+    "gu",
+    "ne",
+    "ship",
+    "ing",
+]
+
+
+def _vocabulary(rng: random.Random, size: int = 6000) -> list[str]:
+    return ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 4))) for _ in range(size)]
+
+
+def _document(rng: random.Random, vocabulary: list[str], weights: list[float]) -> str:
+    paragraphs = []
+    for _ in range(rng.randint(2, 8)):
+        sentences = []
+        for _ in range(rng.randint(2, 6)):
+            words = [
+                rng.choice(STOP_WORDS) if rng.random() < 0.35 else w
+                for w in rng.choices(vocabulary, weights, k=rng.randint(8, 22))
+            ]
+            sentences.append(" ".join(words).capitalize() + rng.choice(".....!?"))
+        paragraphs.append(" ".join(sentences))
+    return "\n\n".join(paragraphs)
+
+
+def _documents(rng: random.Random):
+    """An endless stream: 80% distinct documents, 8% exact and 5% near duplicates of recent ones,
+    5% junk (navigation, symbol or repeated-line pages), 2% with an email and a phone number."""
+    vocabulary = _vocabulary(rng)
+    weights = [1 / (rank + 1) ** 0.9 for rank in range(len(vocabulary))]
+    recent: list[str] = []
+    for index in itertools.count():
+        roll = rng.random()
+        if roll < 0.08 and recent:
+            yield rng.choice(recent)
+        elif roll < 0.13 and recent:
+            words = rng.choice(recent).split(" ")
+            for _ in range(max(1, len(words) // 50)):
+                words[rng.randrange(len(words))] = rng.choice(vocabulary)
+            yield " ".join(words)
+        elif roll < 0.18:
+            yield rng.choice(["Home | About | Contact", "#### ### ## # ... ... ...", "Buy now!\n" * 30])
+        else:
+            text = _document(rng, vocabulary, weights)
+            if roll < 0.20:
+                text += f"\n\nContact us at desk{index}@example.com or +1 415-555-{index % 10000:04d}."
+            recent = (recent + [text])[-200:]
+            yield text
+
+
+def generate_corpus(directory: Path, megabytes: float, seed: int = 0) -> tuple[int, int]:
+    """Write jsonl shards (25 MB each) of about `megabytes` MB; return bytes and documents written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    documents = _documents(random.Random(seed))
+    written, count, target = 0, 0, megabytes * 1e6
+    while written < target:
+        with open(directory / f"shard-{count:08d}.jsonl", "w", encoding="utf-8") as shard:
+            shard_bytes = 0
+            while written + shard_bytes < target and shard_bytes < 25e6:
+                line = json.dumps({"text": next(documents)}) + "\n"
+                shard.write(line)
+                shard_bytes += len(line.encode())
+                count += 1
+        written += shard_bytes
+    return written, count
+
+
+def throughput_rows(steps: list[dict], cores: int) -> list[dict]:
+    """MB/s and documents/s per core for every step, from its input size and time."""
+    rows = []
+    for step in steps:
+        mb_in = (step["bytes_in"] or step.get("bytes_out", 0)) / 1e6
+        docs_in = step["documents_in"] or step.get("documents_out", 0)
+        seconds = max(step["seconds"], 1e-9)
+        rows.append(
+            {
+                "step": step["step"],
+                "mb_in": mb_in,
+                "documents_in": docs_in,
+                "seconds": step["seconds"],
+                "mb_per_s_per_core": mb_in / seconds / cores,
+                "docs_per_s_per_core": docs_in / seconds / cores,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=float, default=100.0)
+    parser.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--work_dir", default="/tmp/trellis-benchmark")
+    parser.add_argument("--json", help="also write the figures to this file")
+    options = parser.parse_args()
+
+    import datasets
+
+    from trellis import corpus
+    from trellis.config import parse_recipe
+    from trellis.run_record import RunRecord
+
+    logging.basicConfig(
+        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stdout
+    )
+    datasets.disable_caching()  # every step really runs, also on a second benchmark run
+    work = Path(options.work_dir)
+    start = time.perf_counter()
+    corpus_bytes, corpus_docs = generate_corpus(work / "corpus", options.megabytes)
+    logging.info(
+        "Generated %.1f MB (%d documents) in %.0f s",
+        corpus_bytes / 1e6,
+        corpus_docs,
+        time.perf_counter() - start,
+    )
+    eval_file = work / "eval.jsonl"
+    eval_file.write_text(
+        json.dumps(
+            {
+                "question": "Which river flows through the ancient city founded by the twin brothers of the legend?"
+            }
+        )
+        + "\n"
+    )
+    recipe = {
+        "datasets": [{"path": str(work / "corpus" / "*.jsonl")}],
+        "decontamination_datasets": [{"path": str(eval_file)}],
+        "output_dir": str(work / "out"),
+        "num_proc": options.num_proc,
+        "tokenizer_vocab_size": 8000,
+        "tokenizer_train_documents": 10000,
+        "block_size": 1024,
+    }
+    (work / "data.yaml").write_text(json.dumps(recipe))
+    (args,) = parse_recipe("data", ["--config", str(work / "data.yaml")])
+    corpus.clear_outputs(args.output_dir)
+    with RunRecord("data", args.output_dir, {"data": args}) as record:
+        report = corpus.prepare(args, options.num_proc, record)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.output_dir, corpus.TOKENIZER_DIR))
+    raw = corpus.load_corpus(args)
+    start = time.perf_counter()
+    raw.map(
+        corpus._tokenize_batch,
+        fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=raw.column_names,
+        num_proc=options.num_proc if options.num_proc > 1 else None,
+        batched=True,
+        batch_size=256,
+        desc="Tokenizing alone",
+    )
+    alone = {"step": "tokenization_alone", "documents_in": len(raw), "bytes_in": corpus.utf8_bytes(raw)}
+    alone["seconds"] = round(time.perf_counter() - start, 3)
+
+    cores = options.num_proc
+    rows = throughput_rows([*report.steps, alone], cores)
+    print(f"\ncorpus: {corpus_bytes / 1e6:.1f} MB, {corpus_docs} documents; {cores} core(s)\n")
+    print(
+        f"{'step':<20}{'MB in':>10}{'docs in':>10}{'seconds':>10}{'MB/s per core':>16}{'docs/s per core':>18}"
+    )
+    for row in rows:
+        print(
+            f"{row['step']:<20}{row['mb_in']:>10.1f}{row['documents_in']:>10}{row['seconds']:>10.2f}"
+            f"{row['mb_per_s_per_core']:>16.2f}{row['docs_per_s_per_core']:>18.0f}"
+        )
+    if options.json:
+        figures = {"corpus_mb": corpus_bytes / 1e6, "documents": corpus_docs, "cores": cores, "steps": rows}
+        Path(options.json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    with exit_on_error():
+        main()

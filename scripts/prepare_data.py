@@ -1,0 +1,45 @@
+"""The data stage: raw text -> a tokenized, packed dataset for pretraining, with a report of what was kept.
+
+    python scripts/prepare_data.py --config recipes/tiny/data.yaml [--any_recipe_key value ...]
+
+Reads the recipe strictly, and stops at once if output_dir already holds the result of exactly
+these inputs, recipe and code (the fingerprint covers all of them). Otherwise it cleans, filters,
+deduplicates and decontaminates the corpus, trains (or copies) the tokenizer, tokenizes and packs
+it, and writes packed/, tokenizer/, data_report.{json,md} and trellis_run.json to output_dir.
+"""
+
+import logging
+import os
+import sys
+
+from trellis.config import parse_recipe
+from trellis.errors import exit_on_error
+
+
+def main() -> None:
+    (args,) = parse_recipe("data")
+    if int(os.environ.get("RANK", "0")) > 0:
+        return  # under a multi-process launcher one process does the work, with num_proc workers
+
+    from trellis import corpus
+    from trellis.run_record import RunRecord
+
+    logging.basicConfig(
+        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stdout
+    )
+    fingerprint = corpus.fingerprint(args)
+    if corpus.is_up_to_date(args.output_dir, fingerprint):
+        logging.info("%s is up to date with this recipe and its inputs: nothing to do", args.output_dir)
+        return
+    num_proc = args.num_proc or os.cpu_count() or 1
+    with RunRecord("data", args.output_dir, {"data": args}) as record:
+        corpus.clear_outputs(args.output_dir)
+        record.set_input("fingerprint", fingerprint)
+        report = corpus.prepare(args, num_proc, record)
+        record.data["report"] = report.as_dict()["steps"]
+    print(report.markdown().split("\n## ")[0])
+
+
+if __name__ == "__main__":
+    with exit_on_error():
+        main()
