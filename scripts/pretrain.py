@@ -49,7 +49,7 @@ def main() -> None:
             args=training_args,
             train_dataset=data["train"],
             eval_dataset=data["validation"],
-            data_collator=pretraining.collate_blocks,
+            data_collator=pretraining.BlockCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
             callbacks=[ema] if ema else None,
             loss_spike_factor=pretrain_args.loss_spike_factor,

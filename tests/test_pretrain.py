@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trellis.averaging import average_checkpoints
 from trellis.memory import estimate_training_memory
-from trellis.pretraining import DivergenceError, GuardedTrainer, PretrainConfig, collate_blocks
+from trellis.pretraining import BlockCollator, DivergenceError, GuardedTrainer, PretrainConfig
 from trellis.run_record import read_record
 
 
@@ -36,11 +36,17 @@ def pretrain(workdir, out: Path, *overrides: str, env: dict | None = None):
 
 
 def validation_loss(model_dir: Path, data: Path) -> float:
+    """Mean validation loss per block, computed outside the Trainer from the saved model directory."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    blocks = torch.tensor(datasets.load_from_disk(str(data / "packed"))["validation"]["input_ids"])
+    tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
+    collate = BlockCollator(tokenizer.pad_token_id)
+    rows = list(datasets.load_from_disk(str(data / "packed"))["validation"])
+    total = 0.0
     with torch.no_grad():
-        losses = [model(input_ids=b, labels=b).loss for b in blocks.split(32)]
-    return float(torch.stack(losses).mean())
+        for start in range(0, len(rows), 32):
+            batch = collate(rows[start : start + 32])
+            total += float(model(**batch).loss) * len(batch["input_ids"])
+    return total / len(rows)
 
 
 @pytest.mark.slow
@@ -57,7 +63,8 @@ def test_tiny_pretraining_learns_with_ema_and_averaging(workdir, tiny_data_outpu
     untrained = math.exp(metrics["initial"]["eval_loss"])
     assert untrained > 300  # about uniform over the 634-token vocabulary
     assert metrics["eval"]["eval_perplexity"] < 8, metrics["eval"]
-    assert metrics["eval_ema"]["eval_loss"] <= metrics["eval"]["eval_loss"] + 0.01
+    # The tiny model is still improving at the end, so a lagging average can only tie (measured: +0.0008).
+    assert metrics["eval_ema"]["eval_loss"] <= metrics["eval"]["eval_loss"] + 0.005
     assert metrics["eval_averaged"]["eval_loss"] < metrics["initial"]["eval_loss"] / 2
     assert record["memory_estimate_gib"]["total"] > 0
 
@@ -69,16 +76,11 @@ def test_tiny_pretraining_learns_with_ema_and_averaging(workdir, tiny_data_outpu
 
 @pytest.mark.slow
 def test_killed_pretraining_resumes_onto_the_same_curve(workdir, tiny_data_output, tmp_path):
-    overrides = [
-        "--max_steps",
-        "60",
-        "--save_steps",
-        "20",
-        "--eval_steps",
-        "60",
-        "--average_last_checkpoints",
-        "0",
-    ]
+    # EMA from step 10, so the resumed run must also restore the EMA state from the checkpoint.
+    overrides = (
+        "--max_steps 60 --save_steps 20 --eval_steps 60 --average_last_checkpoints 0 --ema_start_step 10"
+    )
+    overrides = overrides.split()
     killed = tmp_path / "killed"
     command = [
         sys.executable,
@@ -138,7 +140,7 @@ def test_divergence_guard_stops_before_the_bad_update(workdir, tiny_data_output,
     trainer = GuardedTrainer(
         model=model,
         args=args,
-        data_collator=collate_blocks,
+        data_collator=BlockCollator(tokenizer.pad_token_id),
         train_dataset=datasets.load_from_disk(str(tiny_data_output / "packed"))["train"],
     )
     with pytest.raises(DivergenceError, match="loss is nan at step 8"):
@@ -182,3 +184,9 @@ def test_memory_estimate_arithmetic():
     assert (zero2.weights, zero2.gradients, zero2.optimizer) == (4e6, 1e6, 2e6)
     checkpointed = estimate_training_memory(**kw, activation_checkpointing=True)
     assert checkpointed.activations < single.activations
+
+
+def test_block_collator_masks_only_the_trailing_padding():
+    batch = BlockCollator(pad_token_id=0)([{"input_ids": [5, 0, 6, 0, 0]}, {"input_ids": [1, 2, 3, 4, 5]}])
+    assert batch["labels"].tolist() == [[5, 0, 6, -100, -100], [1, 2, 3, 4, 5]]
+    assert batch["input_ids"].tolist() == [[5, 0, 6, 0, 0], [1, 2, 3, 4, 5]]

@@ -138,10 +138,20 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Packed blocks need no padding: labels are the inputs (the model shifts them), EOS included."""
-    input_ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
+class BlockCollator:
+    """Batches packed blocks: labels are the inputs (the model shifts them), EOS included.
+
+    Only the last block of a split ends in padding (see trellis.corpus); those trailing pad
+    tokens are left out of the loss.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
+        trailing_pad = (input_ids == self.pad_token_id).flip(1).cumprod(1).flip(1).bool()
+        return {"input_ids": input_ids, "labels": input_ids.masked_fill(trailing_pad, -100)}
 
 
 @torch.no_grad()
