@@ -37,6 +37,9 @@ def parse(workdir, text: str, *cli: str):
 @pytest.fixture(autouse=True)
 def _in_workdir(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
+    # Chained recipes (reward, dpo, ppo) name the outputs of earlier stages, which must exist to validate.
+    for stage in ("sft", "reward"):
+        (workdir / "outputs/tiny" / stage).mkdir(parents=True, exist_ok=True)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))

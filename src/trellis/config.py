@@ -27,7 +27,17 @@ import yaml
 
 from trellis.errors import TrellisError
 
-DATASET_FORMATS = ("auto", "messages", "alpaca", "sharegpt", "hh", "prompt_completion", "text")
+DATASET_FORMATS = (
+    "auto",
+    "messages",
+    "alpaca",
+    "sharegpt",
+    "hh",
+    "prompt_completion",
+    "text",
+    "preference",
+    "prompt",
+)
 
 
 class RecipeError(TrellisError):
@@ -53,7 +63,11 @@ class DatasetSource:
     )
     format: str = field(
         default="auto",
-        metadata={"help": "Record format, converted to TRL's `messages`.", "choices": list(DATASET_FORMATS)},
+        metadata={
+            "help": "Record format, converted to what the stage trains on: `messages` (SFT), "
+            "prompt/chosen/rejected (reward, DPO) or `prompt` (PPO).",
+            "choices": list(DATASET_FORMATS),
+        },
     )
 
 
@@ -137,9 +151,51 @@ def _sft_types() -> tuple[type, ...]:
     return ScriptArguments, SFTConfig, _model_config_class()
 
 
+@dataclass
+class PPOScriptArguments(ScriptArguments):
+    """PPO's data (prompts) plus the value model, which TRL's PPOConfig has no key for."""
+
+    value_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sequence-classification model that initialises the value head. Unset: the reward model."
+        },
+    )
+
+
+def _reward_types() -> tuple[type, ...]:
+    from trl import RewardConfig
+
+    return ScriptArguments, RewardConfig, _model_config_class()
+
+
+def _dpo_types() -> tuple[type, ...]:
+    from trl import DPOConfig
+
+    return ScriptArguments, DPOConfig, _model_config_class()
+
+
+def _ppo_types() -> tuple[type, ...]:
+    from trl.experimental.ppo import PPOConfig as TrlPPOConfig
+
+    @dataclass
+    class PPOConfig(TrlPPOConfig):
+        """TRL's PPOConfig plus the `trust_remote_code` key every other stage's config has."""
+
+        trust_remote_code: bool = field(
+            default=False, metadata={"help": "Allow models whose code lives in their Hub repository."}
+        )
+
+    PPOConfig.__module__ = __name__
+    return PPOScriptArguments, PPOConfig, _model_config_class()
+
+
 # Stage name -> the dataclasses its recipe fills, in the order parse_recipe returns them.
 STAGES: dict[str, Callable[[], tuple[type, ...]]] = {
     "sft": _sft_types,
+    "reward": _reward_types,
+    "dpo": _dpo_types,
+    "ppo": _ppo_types,
 }
 
 
@@ -613,6 +669,10 @@ def check_semantics(parsed: list[Any]) -> list[Problem]:
             )
 
     if training is not None:
+        for key in ("reward_model_path", "value_model_path"):
+            path = getattr(training, key, None) or getattr(script, key, None)
+            if path and (message := local_path_problem(path, "model directory")):
+                problems.append(Problem(key, message))
         path = getattr(training, "chat_template_path", None)
         if path and (message := local_path_problem(path, "chat template")):
             problems.append(Problem("chat_template_path", message))
