@@ -186,7 +186,9 @@ def _ppo_types() -> tuple[type, ...]:
             default=False, metadata={"help": "Allow models whose code lives in their Hub repository."}
         )
 
-    PPOConfig.__module__ = __name__
+    # The Trainer pickles its arguments into checkpoints: the class must be findable by module and name.
+    PPOConfig.__module__, PPOConfig.__qualname__ = __name__, "PPOConfig"
+    globals()["PPOConfig"] = PPOConfig
     return PPOScriptArguments, PPOConfig, _model_config_class()
 
 
