@@ -38,18 +38,6 @@ def early_sft_model(workdir, tmp_path_factory) -> Path:
     return out
 
 
-PPO = [
-    "--total_episodes",
-    "256",
-    "--learning_rate",
-    "1e-4",
-    "--response_length",
-    "16",
-    "--num_sample_generations",
-    "2",
-]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["full", "lora-merged"])
 def test_ppo_raises_mean_reward_on_held_out_prompts(
@@ -64,7 +52,6 @@ def test_ppo_raises_mean_reward_on_held_out_prompts(
         workdir,
         "ppo",
         out,
-        *PPO,
         "--model_name_or_path",
         str(early_sft_model),
         "--reward_model_path",
