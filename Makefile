@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TINY_DATA := data/tiny
 CPU_LAUNCH := $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml
 
-.PHONY: install tiny tiny-data tiny-prepare-data test lint format clean
+.PHONY: install tiny tiny-data tiny-prepare-data tiny-align test lint format clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ tiny-prepare-data: tiny-data
 tiny: tiny-prepare-data
 	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/pretrain.py --config recipes/tiny/pretrain.yaml
 	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/sft.py --config recipes/tiny/sft.yaml
+
+# Alignment of the tiny SFT model: reward model then PPO against it, and DPO.
+tiny-align: tiny
+	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/reward.py --config recipes/tiny/reward.yaml
+	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/ppo.py --config recipes/tiny/ppo.yaml
+	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/dpo.py --config recipes/tiny/dpo.yaml
 
 test: install
 	$(BIN)/python -m pytest tests

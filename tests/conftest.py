@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from trellis.run_record import read_record
+
 # No test may reach the Hub: everything is made locally.
 os.environ.update(
     HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_HUB_DISABLE_TELEMETRY="1"
@@ -51,6 +53,20 @@ def run_script(args: list[str], cwd: Path, timeout: float = 600, launcher: list[
     )
 
 
+LORA = "use_peft: true\nlora_r: 16\nlora_alpha: 32\nlora_dropout: 0.0\nlora_target_modules: all-linear\n"
+
+
+def run_stage(workdir: Path, stage: str, out: Path, *overrides: str, recipe: str | None = None) -> dict:
+    config = recipe or f"recipes/tiny/{stage}.yaml"
+    result = run_script(
+        [f"{stage}.py", "--config", config, "--output_dir", str(out), *overrides], cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_record(str(out))
+    assert record["status"] == "complete"
+    return record
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -64,3 +80,20 @@ def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300) -
         assert process.poll() is None, process.stderr.read()[-3000:]
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def sft_model(workdir, tmp_path_factory) -> Path:
+    """The tiny SFT model, the starting point of every alignment stage: recipes/tiny/sft.yaml cut to half its
+    steps, which already teaches the answer form (held-out facts are beyond an SFT model from scratch)."""
+    out = tmp_path_factory.mktemp("sft") / "model"
+    run_stage(workdir, "sft", out, "--max_steps", "150", "--eval_steps", "150", "--save_steps", "150")
+    return out
+
+
+@pytest.fixture(scope="session")
+def reward_model(workdir, sft_model, tmp_path_factory) -> Path:
+    """The tiny reward model, trained from the tiny SFT model by recipes/tiny/reward.yaml."""
+    out = tmp_path_factory.mktemp("reward") / "model"
+    run_stage(workdir, "reward", out, "--model_name_or_path", str(sft_model))
+    return out

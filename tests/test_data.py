@@ -15,6 +15,7 @@ from trellis.data import (
     convert,
     detect_format,
     hh_to_messages,
+    hh_to_preference,
     load_mixture,
     load_train_eval,
     parse_hh_transcript,
@@ -87,6 +88,9 @@ def test_anthropic_hh_transcript():
         ({"messages": []}, "messages"),
         ({"prompt": "a", "completion": "b"}, "prompt_completion"),
         ({"text": "x"}, "text"),
+        ({"prompt": [], "chosen": [], "rejected": []}, "preference"),
+        ({"chosen": "a", "rejected": "b"}, "preference"),
+        ({"prompt": []}, "prompt"),
     ],
 )
 def test_format_detection(record, expected):
@@ -165,3 +169,32 @@ def test_mixture_sources_must_share_a_format(tmp_path):
         load_mixture(
             [DatasetSource(path=str(tmp_path / "t.txt")), DatasetSource(path=str(tmp_path / "m.jsonl"))], 0
         )
+
+
+def test_hh_pairs_become_prompt_chosen_rejected():
+    same_dialogue = {
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: Why did...",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: No.",
+    }
+    pair = hh_to_preference(same_dialogue)
+    assert [m["role"] for m in pair["prompt"]] == ["user", "assistant", "user"]
+    assert pair["chosen"] == [{"role": "assistant", "content": "Why did..."}]
+    assert pair["rejected"] == [{"role": "assistant", "content": "No."}]
+    with pytest.raises(DataError, match="one dialogue with two different last Assistant replies"):
+        hh_to_preference(HH)  # the two transcripts differ before their last reply
+
+
+def test_stage_task_decides_the_columns():
+    hh = datasets.Dataset.from_list([HH | {"chosen": HH["rejected"] + " Sorry."}])
+    assert convert(hh, "auto", "hh", task="messages").column_names == ["messages"]
+    assert sorted(convert(hh, "auto", "hh", task="preference").column_names) == [
+        "chosen",
+        "prompt",
+        "rejected",
+    ]
+    implicit = datasets.Dataset.from_list([{"chosen": "a b", "rejected": "a c", "score": 1}])
+    assert convert(implicit, "auto", "pairs", task="preference").column_names == ["chosen", "rejected"]
+    with pytest.raises(DataError, match="trains on preference pairs"):
+        convert(datasets.Dataset.from_list([ALPACA]), "auto", "alpaca", task="preference")
+    with pytest.raises(DataError, match="trains on conversations or text"):
+        convert(implicit, "auto", "pairs", task="messages")

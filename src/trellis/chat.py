@@ -60,7 +60,7 @@ def apply_chat_template(model, tokenizer, chat_template: str | None) -> None:
         # The assistant's turn ends with <|im_end|>: generation must stop there.
         tokenizer.eos_token = "<|im_end|>"
         model.config.eos_token_id = tokenizer.eos_token_id
-        if model.generation_config is not None:
+        if getattr(model, "generation_config", None) is not None:  # reward models have none
             model.generation_config.eos_token_id = tokenizer.eos_token_id
         logger.info("Using the ChatML chat template (end of turn: <|im_end|>)")
     tokenizer.chat_template = template

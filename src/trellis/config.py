@@ -28,7 +28,17 @@ from trl import ModelConfig  # a plain dataclass; TRL imports its trainers lazil
 
 from trellis.errors import TrellisError
 
-DATASET_FORMATS = ("auto", "messages", "alpaca", "sharegpt", "hh", "prompt_completion", "text")
+DATASET_FORMATS = (
+    "auto",
+    "messages",
+    "alpaca",
+    "sharegpt",
+    "hh",
+    "prompt_completion",
+    "text",
+    "preference",
+    "prompt",
+)
 
 
 class RecipeError(TrellisError):
@@ -54,7 +64,11 @@ class DatasetSource:
     )
     format: str = field(
         default="auto",
-        metadata={"help": "Record format, converted to TRL's `messages`.", "choices": list(DATASET_FORMATS)},
+        metadata={
+            "help": "Record format, converted to what the stage trains on: `messages` (SFT), "
+            "prompt/chosen/rejected (reward, DPO) or `prompt` (PPO).",
+            "choices": list(DATASET_FORMATS),
+        },
     )
     text_field: str | None = field(
         default=None,
@@ -159,11 +173,44 @@ def _pretrain_types() -> tuple[type, ...]:
     return PretrainArguments, PretrainConfig, ModelArguments
 
 
+@dataclass
+class PPOScriptArguments(ScriptArguments):
+    """PPO's data (prompts) plus the value model, which TRL's PPOConfig has no key for."""
+
+    value_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sequence-classification model that initialises the value head. Unset: the reward model."
+        },
+    )
+
+
+def _reward_types() -> tuple[type, ...]:
+    from trl import RewardConfig
+
+    return ScriptArguments, RewardConfig, ModelArguments
+
+
+def _dpo_types() -> tuple[type, ...]:
+    from trl import DPOConfig
+
+    return ScriptArguments, DPOConfig, ModelArguments
+
+
+def _ppo_types() -> tuple[type, ...]:
+    from trellis.alignment import PPOConfig
+
+    return PPOScriptArguments, PPOConfig, ModelArguments
+
+
 # Stage name -> the dataclasses its recipe fills, in the order parse_recipe returns them.
 STAGES: dict[str, Callable[[], tuple[type, ...]]] = {
     "data": _data_types,
     "sft": _sft_types,
     "pretrain": _pretrain_types,
+    "reward": _reward_types,
+    "dpo": _dpo_types,
+    "ppo": _ppo_types,
 }
 
 
@@ -648,6 +695,8 @@ def check_local_paths(parsed: list[Any]) -> list[Problem]:
             ("model_name_or_path", "model directory"),
             ("tokenizer_name_or_path", "tokenizer directory"),
             ("chat_template_path", "chat template"),
+            ("reward_model_path", "model directory"),
+            ("value_model_path", "model directory"),
         ):
             may_be_hub_id.append((key, getattr(obj, key, None), what))
         for key in ("datasets", "eval_datasets", "decontamination_datasets"):

@@ -1,7 +1,11 @@
 """Datasets: load Hub or local sources, convert common formats to TRL's, mix them by weight, hold out a test split.
 
-Every conversational format is converted to TRL's `messages` column (a list of {role, content}),
-so all stages see one shape whatever the source: Alpaca, ShareGPT and Anthropic HH transcripts.
+What a record becomes depends on what the stage trains on (its `task`):
+- "messages" (SFT): TRL's `messages` column (a list of {role, content}), from Alpaca, ShareGPT and
+  Anthropic HH transcripts (the chosen one), or TRL's prompt/completion and text columns as they are;
+- "preference" (reward, DPO): TRL's `prompt` (optional: an implicit prompt is part of both answers),
+  `chosen` and `rejected` columns, from TRL's preference format or Anthropic HH transcript pairs;
+- "prompts" (PPO): a `prompt` column only.
 """
 
 from __future__ import annotations
@@ -106,17 +110,44 @@ def hh_to_messages(example: dict) -> dict:
     return {"messages": parse_hh_transcript(example["chosen"])}
 
 
-CONVERTERS: dict[str, Callable[[dict], dict]] = {
-    "alpaca": alpaca_to_messages,
-    "sharegpt": sharegpt_to_messages,
-    "hh": hh_to_messages,
+def hh_to_preference(example: dict) -> dict:
+    """Anthropic HH {chosen, rejected} transcripts -> the shared dialogue as `prompt`, the last replies as answers."""
+    chosen, rejected = parse_hh_transcript(example["chosen"]), parse_hh_transcript(example["rejected"])
+    if (
+        chosen[-1]["role"] != "assistant"
+        or rejected[-1]["role"] != "assistant"
+        or chosen[:-1] != rejected[:-1]
+    ):
+        raise DataError(
+            "an HH pair must be one dialogue with two different last Assistant replies; got "
+            f"chosen {example['chosen'][:80]!r} and rejected {example['rejected'][:80]!r}"
+        )
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
+TASKS = ("messages", "preference", "prompts")
+
+# Task -> format -> converter of one record.
+CONVERTERS: dict[str, dict[str, Callable[[dict], dict]]] = {
+    "messages": {"alpaca": alpaca_to_messages, "sharegpt": sharegpt_to_messages, "hh": hh_to_messages},
+    "preference": {"hh": hh_to_preference},
+    "prompts": {},
 }
 
-# Formats TRL reads as they are; we only keep their columns.
-_PASSTHROUGH_COLUMNS = {
-    "messages": ["messages"],
-    "prompt_completion": ["prompt", "completion"],
-    "text": ["text"],
+# Task -> formats TRL reads as they are -> (required columns, optional columns) we keep.
+_PASSTHROUGH_COLUMNS: dict[str, dict[str, tuple[list[str], list[str]]]] = {
+    "messages": {
+        "messages": (["messages"], []),
+        "prompt_completion": (["prompt", "completion"], []),
+        "text": (["text"], []),
+    },
+    "preference": {"preference": (["chosen", "rejected"], ["prompt"])},
+    "prompts": {"prompt": (["prompt"], [])},
+}
+_TASK_NEEDS = {
+    "messages": "conversations or text",
+    "preference": "preference pairs (format preference: prompt/chosen/rejected, or hh)",
+    "prompts": "prompts (format prompt: a `prompt` column)",
 }
 
 
@@ -131,32 +162,43 @@ def detect_format(columns: list[str], first: dict) -> str:
         return "alpaca"
     if "chosen" in names and isinstance(first.get("chosen"), str) and "Human:" in first["chosen"]:
         return "hh"
+    if {"chosen", "rejected"} <= names:
+        return "preference"
     if {"prompt", "completion"} <= names:
         return "prompt_completion"
     if "text" in names:
         return "text"
+    if "prompt" in names:
+        return "prompt"
     raise DataError(
         f"cannot tell the format of a dataset with columns {sorted(names)}; set `format` to one of "
         f"{', '.join(DATASET_FORMATS[1:])}"
     )
 
 
-def convert(dataset, fmt: str, source: str):
-    """Convert a dataset to TRL's columns for its format, keeping only those columns."""
+def convert(dataset, fmt: str, source: str, task: str = "messages"):
+    """Convert a dataset to TRL's columns for the stage's task, keeping only those columns."""
     if len(dataset) == 0:
         raise DataError(f"dataset {source!r} is empty")
     if fmt == "auto":
         fmt = detect_format(dataset.column_names, dataset[0])
-    if fmt in _PASSTHROUGH_COLUMNS:
-        missing = [c for c in _PASSTHROUGH_COLUMNS[fmt] if c not in dataset.column_names]
+    passthrough, converters = _PASSTHROUGH_COLUMNS[task], CONVERTERS[task]
+    if fmt not in passthrough and fmt not in converters:
+        raise DataError(
+            f"dataset {source!r} is in {fmt} format, but this stage trains on {_TASK_NEEDS[task]}; "
+            f"set `format` to one of: {', '.join([*passthrough, *converters])}"
+        )
+    if fmt in passthrough:
+        required, optional = passthrough[fmt]
+        missing = [c for c in required if c not in dataset.column_names]
         if missing:
             raise DataError(
                 f"dataset {source!r} (format {fmt}) lacks column(s) {missing}; it has {dataset.column_names}"
             )
-        return dataset.select_columns(_PASSTHROUGH_COLUMNS[fmt])
+        return dataset.select_columns([*required, *(c for c in optional if c in dataset.column_names)])
     try:
         return dataset.map(
-            CONVERTERS[fmt], remove_columns=dataset.column_names, desc=f"Converting {source} ({fmt})"
+            converters[fmt], remove_columns=dataset.column_names, desc=f"Converting {source} ({fmt})"
         )
     except KeyError as error:
         raise DataError(
@@ -219,14 +261,14 @@ def apply_weight(dataset, weight: float, seed: int):
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def load_mixture(sources: list[DatasetSource], seed: int):
-    """Load, convert and weight every source, then concatenate them into one dataset."""
+def load_mixture(sources: list[DatasetSource], seed: int, task: str = "messages"):
+    """Load, convert (for the stage's task) and weight every source, then concatenate them into one dataset."""
     import datasets
 
     parts = []
     for source in sources:
         logger.info("Loading dataset %s (split %s, weight %s)", source.path, source.split, source.weight)
-        dataset = convert(load_source(source), source.format, source.path)
+        dataset = convert(load_source(source), source.format, source.path, task)
         parts.append(apply_weight(dataset, source.weight, seed))
     columns = {tuple(sorted(part.column_names)) for part in parts}
     if len(columns) > 1:
@@ -234,13 +276,16 @@ def load_mixture(sources: list[DatasetSource], seed: int):
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def load_train_eval(script_args: ScriptArguments, seed: int):
-    """The stage's data: a `DatasetDict` with `train` and, if the recipe has held-out data, `test`."""
+def load_train_eval(script_args: ScriptArguments, seed: int, task: str = "messages"):
+    """The stage's data: a `DatasetDict` with `train` and, if the recipe has held-out data, `test`.
+
+    `task` is what the stage trains on: "messages" (SFT), "preference" (reward, DPO) or "prompts" (PPO).
+    """
     import datasets
 
-    train = load_mixture(script_args.datasets, seed)
+    train = load_mixture(script_args.datasets, seed, task)
     if script_args.eval_datasets:
-        return datasets.DatasetDict(train=train, test=load_mixture(script_args.eval_datasets, seed))
+        return datasets.DatasetDict(train=train, test=load_mixture(script_args.eval_datasets, seed, task))
     if script_args.test_split_size:
         size = script_args.test_split_size
         return train.train_test_split(test_size=int(size) if size >= 1 else size, seed=seed)

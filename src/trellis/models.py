@@ -48,7 +48,7 @@ def load_tokenizer(model_args, trust_remote_code: bool = False, padding_side: st
     return tokenizer
 
 
-def _torch_dtype(name: str | None):
+def torch_dtype(name: str | None):
     import torch
 
     if name in (None, "auto"):
@@ -89,16 +89,21 @@ def _kbit_device_map() -> dict | None:
     return {"": PartialState().local_process_index} if torch.cuda.is_available() else None
 
 
-def load_model(model_args, tokenizer, training_args, model_class=None):
-    """Load `model_name_or_path`, or build a fresh model from `model_config` (seeded by the caller)."""
+def load_model(model_args, tokenizer, training_args, model_class=None, **config_overrides):
+    """Load `model_name_or_path`, or build a fresh model from `model_config` (seeded by the caller).
+
+    `config_overrides` set config attributes, e.g. `num_labels=1` for a reward model.
+    """
     import transformers
 
     model_class = model_class or transformers.AutoModelForCausalLM
-    dtype = _torch_dtype(model_args.dtype)
+    dtype = torch_dtype(model_args.dtype)
     use_cache = not training_args.activation_checkpointing  # the KV cache is useless when recomputing
     if model_args.model_config:
         config = _config_from_recipe(model_args.model_config, tokenizer)
         config.use_cache = use_cache
+        for name, value in config_overrides.items():
+            setattr(config, name, value)
         model = model_class.from_config(
             config,
             dtype=None if dtype == "auto" else dtype,
@@ -122,6 +127,7 @@ def load_model(model_args, tokenizer, training_args, model_class=None):
         trust_remote_code=training_args.trust_remote_code,
         use_cache=use_cache,
         **kwargs,
+        **config_overrides,
     )
 
 
@@ -132,7 +138,12 @@ def peft_config(model_args):
 
 
 def merge_adapters(
-    output_dir: str, model_args, tokenizer, trust_remote_code: bool = False, model_class=None
+    output_dir: str,
+    model_args,
+    tokenizer,
+    trust_remote_code: bool = False,
+    model_class=None,
+    **config_overrides,
 ) -> None:
     """Replace the adapters in `output_dir` with a full model: base weights (unquantized) + merged LoRA.
 
@@ -146,8 +157,9 @@ def merge_adapters(
     base = model_class.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
-        dtype=_torch_dtype(model_args.dtype),
+        dtype=torch_dtype(model_args.dtype),
         trust_remote_code=trust_remote_code,
+        **config_overrides,
     )
     if base.get_input_embeddings().num_embeddings != len(tokenizer):  # tokens added for the chat template
         base.resize_token_embeddings(len(tokenizer))

@@ -79,13 +79,15 @@ def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = 
         logger.info("Held-out eval_loss: %.4f before training, %.4f after", before, after)
 
 
-def save_final_model(trainer, model_args) -> None:
+def save_final_model(trainer, model_args, model_class=None, **config_overrides) -> None:
     """Write the final model (and tokenizer) to output_dir so that `from_pretrained` loads it.
 
-    With LoRA and `merge_adapters`, the adapters are merged into full weights (see models.merge_adapters).
+    With LoRA and `merge_adapters`, the adapters are merged into full weights (see models.merge_adapters);
+    `model_class` and `config_overrides` say how the base reloads (default: AutoModelForCausalLM as saved).
     """
     output_dir = trainer.args.output_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
+    model = getattr(model, "policy", model)  # PPO trains policy and value model together; the policy ships
     tokenizer = trainer.processing_class
     # Generation stops at the tokenizer's EOS (the chat template's end-of-turn after SFT).
     model.config.eos_token_id = tokenizer.eos_token_id
@@ -100,6 +102,8 @@ def save_final_model(trainer, model_args) -> None:
         if os.path.exists(pickled_args):
             os.remove(pickled_args)
     if trainer.accelerator.is_main_process and model_args.use_peft and model_args.merge_adapters:
-        merge_adapters(output_dir, model_args, tokenizer, trainer.args.trust_remote_code)
+        merge_adapters(
+            output_dir, model_args, tokenizer, trainer.args.trust_remote_code, model_class, **config_overrides
+        )
     trainer.accelerator.wait_for_everyone()
     logger.info("Saved the final model to %s", output_dir)

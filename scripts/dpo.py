@@ -1,0 +1,51 @@
+"""Direct preference optimisation with TRL's DPOTrainer: DPO, IPO, hinge, robust and TRL's other losses.
+
+    accelerate launch scripts/dpo.py --config recipes/tiny/dpo.yaml [--any_recipe_key value ...]
+
+The policy and, unless LoRA is on (then the base without adapters is the reference) or
+`precompute_ref_log_probs` is set, a frozen copy as the reference both start from
+`model_name_or_path` (usually the SFT output). `loss_type` and `beta` come from the recipe. The
+held-out log-probabilities of chosen and rejected answers (`eval_logps/chosen`,
+`eval_logps/rejected`) and the implicit-reward accuracy and margin are recorded before and after
+training in trellis_run.json.
+"""
+
+from trellis.config import parse_recipe
+from trellis.errors import exit_on_error
+
+
+def main() -> None:
+    script_args, training_args, model_args = parse_recipe("dpo")
+
+    from transformers import set_seed
+    from trl import DPOTrainer
+
+    from trellis import chat, data, models
+    from trellis.run_record import RunRecord
+    from trellis.stage import save_final_model, setup_logging, train_and_evaluate
+
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    configs = {"script": script_args, "model": model_args, "training": training_args}
+    with RunRecord("dpo", training_args.output_dir, configs, training_args.process_index == 0) as record:
+        dataset = data.load_train_eval(script_args, seed=training_args.seed, task="preference")
+        record.set_input("datasets", {split: ds._fingerprint for split, ds in dataset.items()})
+        tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code)
+        model = models.load_model(model_args, tokenizer, training_args)
+        chat.apply_chat_template(model, tokenizer, model_args.chat_template)
+
+        trainer = DPOTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=dataset["train"],
+            eval_dataset=dataset.get("test"),
+            processing_class=tokenizer,
+            peft_config=models.peft_config(model_args),
+        )
+        train_and_evaluate(trainer, record, script_args.eval_before_training)
+        save_final_model(trainer, model_args)
+
+
+if __name__ == "__main__":
+    with exit_on_error():
+        main()

@@ -1,0 +1,89 @@
+"""RLHF with TRL's PPOTrainer (trl.experimental.ppo, TRL 1.12): the policy learns to earn the reward model's score.
+
+    accelerate launch scripts/ppo.py --config recipes/tiny/ppo.yaml [--any_recipe_key value ...]
+
+The policy is `model_name_or_path` (usually the SFT output); the reward model is `reward_model_path`
+(the reward stage's output) and the value model starts from `value_model_path`, by default the
+reward model. The reference policy is a frozen copy of the policy, or, with LoRA, the policy with
+its adapters switched off. The reward and value models are checked (score head, same tokenizer as
+the policy) before any weights load. PPO logs mean reward (`objective/scores`), KL, entropy and
+sample generations while it trains; the mean reward of greedy replies to the held-out prompts is
+recorded before and after training in trellis_run.json (`initial`, `eval`).
+"""
+
+from trellis.config import parse_recipe
+from trellis.errors import exit_on_error
+
+
+def main() -> None:
+    script_args, training_args, model_args = parse_recipe("ppo")
+
+    from transformers import set_seed
+    from trl.experimental.ppo import PPOTrainer
+
+    from trellis import alignment, chat, data, models
+    from trellis.run_record import RunRecord
+    from trellis.stage import save_final_model, setup_logging
+
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    configs = {"script": script_args, "model": model_args, "training": training_args}
+    with RunRecord("ppo", training_args.output_dir, configs, training_args.process_index == 0) as record:
+        # PPO generates from the right edge of each prompt: pad on the left.
+        tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code, padding_side="left")
+        alignment.check_padding(tokenizer)
+        value_model_path = script_args.value_model_path or training_args.reward_model_path
+        alignment.check_reward_model(training_args.reward_model_path, tokenizer)
+        alignment.check_reward_model(value_model_path, tokenizer, key="value_model_path")
+        record.set_input("reward_model", training_args.reward_model_path)
+        record.set_input("value_model", value_model_path)
+
+        dataset = data.load_train_eval(script_args, seed=training_args.seed, task="prompts")
+        record.set_input("datasets", {split: ds._fingerprint for split, ds in dataset.items()})
+        policy = models.load_model(model_args, tokenizer, training_args)
+        chat.apply_chat_template(policy, tokenizer, model_args.chat_template)
+        prompts = {split: alignment.tokenize_prompts(ds, tokenizer) for split, ds in dataset.items()}
+        reward_model = alignment.load_scoring_model(
+            training_args.reward_model_path, model_args.dtype, training_args.trust_remote_code
+        )
+        value_model = alignment.load_scoring_model(
+            value_model_path, model_args.dtype, training_args.trust_remote_code
+        )
+        # With LoRA the reference is the policy with its adapters off: no second copy in memory.
+        ref_model = None if model_args.use_peft else models.load_model(model_args, tokenizer, training_args)
+
+        held_out = prompts.get("test")
+        if held_out is not None and script_args.eval_before_training:
+            record.set_metrics(
+                "initial",
+                alignment.mean_reward(
+                    policy, reward_model, tokenizer, held_out, training_args.response_length
+                ),
+            )
+        trainer = PPOTrainer(
+            args=training_args,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=ref_model,
+            reward_model=reward_model,
+            value_model=value_model,
+            train_dataset=prompts["train"],
+            eval_dataset=held_out,
+            peft_config=models.peft_config(model_args),
+        )
+        trainer.train()  # TRL's PPOTrainer cannot resume from a checkpoint: a rerun starts over
+        record.set_metrics("train", trainer.state.log_history[-1] if trainer.state.log_history else {})
+        if held_out is not None:
+            trained_policy = trainer.accelerator.unwrap_model(trainer.model).policy
+            record.set_metrics(
+                "eval",
+                alignment.mean_reward(
+                    trained_policy, reward_model, tokenizer, held_out, training_args.response_length
+                ),
+            )
+        save_final_model(trainer, model_args)
+
+
+if __name__ == "__main__":
+    with exit_on_error():
+        main()

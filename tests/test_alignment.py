@@ -1,0 +1,150 @@
+"""The reward and DPO stages end to end on the tiny default, chained from the tiny SFT model.
+
+Two thirds of the tiny preference pairs (rude or rambling rejected answers) are decidable by form,
+which the SFT model already knows; one third (a wrong fact) is not, since an SFT model trained
+from scratch knows the answer form but not held-out facts. The bounds below are set accordingly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from alignment_metrics import accuracy_and_margin, answer_logps, kind_of_pair, preference_pairs, reward_scores
+from conftest import LORA, run_stage, write_recipe
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from trellis.run_record import read_record
+
+
+def held_out_pairs(workdir: Path) -> list[dict]:
+    return preference_pairs(workdir / "data/tiny/preferences/test.jsonl")
+
+
+def form_decidable(pairs: list[dict], scores: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return [score for pair, score in zip(pairs, scores, strict=True) if kind_of_pair(pair) != "wrong"]
+
+
+@pytest.mark.slow
+def test_reward_model_ranks_held_out_pairs(workdir, sft_model, reward_model):
+    record = read_record(str(reward_model))
+    initial, final = record["metrics"]["initial"], record["metrics"]["eval"]
+    assert (
+        final["eval_accuracy"] > initial["eval_accuracy"]
+        and final["eval_margin"] > initial["eval_margin"] + 2
+    )
+    assert record["config"]["model"]["model_name_or_path"] == str(sft_model)
+
+    # Measured independently of the trainer, pair by pair, on the saved model.
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model)
+    assert model.config.num_labels == 1
+    pairs = held_out_pairs(workdir)
+    scores = reward_scores(model, AutoTokenizer.from_pretrained(reward_model), pairs)
+    accuracy, margin = accuracy_and_margin(scores)
+    assert accuracy >= 0.8 and margin > 2, (accuracy, margin)  # chance is 0.5
+    assert accuracy_and_margin(form_decidable(pairs, scores))[0] >= 0.95
+
+
+@pytest.mark.slow
+def test_dpo_raises_margin_and_accuracy_over_sft(workdir, sft_model, tmp_path):
+    out = tmp_path / "dpo"
+    record = run_stage(workdir, "dpo", out, "--model_name_or_path", str(sft_model))
+    initial, final = record["metrics"]["initial"], record["metrics"]["eval"]
+    assert final["eval_loss"] < 0.5 * initial["eval_loss"]  # from ln 2 at the start
+    assert final["eval_rewards/accuracies"] >= 0.8 and final["eval_rewards/margins"] > 2
+
+    pairs = held_out_pairs(workdir)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    before = answer_logps(AutoModelForCausalLM.from_pretrained(sft_model), tokenizer, pairs)
+    after = answer_logps(AutoModelForCausalLM.from_pretrained(out), tokenizer, pairs)
+    (accuracy_before, margin_before), (accuracy_after, margin_after) = map(
+        accuracy_and_margin, (before, after)
+    )
+    assert margin_after > 1.3 * margin_before > 0, (margin_before, margin_after)
+    assert accuracy_after > accuracy_before, (accuracy_before, accuracy_after)
+    assert accuracy_and_margin(form_decidable(pairs, after))[0] == 1.0
+
+
+@pytest.mark.slow
+def test_lora_reward_merged_and_lora_dpo_reload(workdir, sft_model, tmp_path):
+    reward_out, dpo_out = tmp_path / "reward", tmp_path / "dpo"
+    reward_recipe = write_recipe(
+        tmp_path / "reward_lora.yaml",
+        (workdir / "recipes/tiny/reward.yaml").read_text() + LORA + "merge_adapters: true\n",
+    )
+    run_stage(
+        workdir,
+        "reward",
+        reward_out,
+        "--max_steps",
+        "60",
+        "--model_name_or_path",
+        str(sft_model),
+        recipe=str(reward_recipe),
+    )
+    names = {p.name for p in reward_out.iterdir()}
+    assert "model.safetensors" in names and "adapter_config.json" not in names
+    model = AutoModelForSequenceClassification.from_pretrained(reward_out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    pairs = held_out_pairs(workdir)
+    accuracy, _ = accuracy_and_margin(reward_scores(model, AutoTokenizer.from_pretrained(reward_out), pairs))
+    assert accuracy >= 0.75, accuracy
+
+    dpo_recipe = write_recipe(
+        tmp_path / "dpo_lora.yaml", (workdir / "recipes/tiny/dpo.yaml").read_text() + LORA
+    )
+    record = run_stage(
+        workdir,
+        "dpo",
+        dpo_out,
+        "--max_steps",
+        "60",
+        "--model_name_or_path",
+        str(sft_model),
+        recipe=str(dpo_recipe),
+    )
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in dpo_out.iterdir()}
+    assert record["metrics"]["eval"]["eval_rewards/margins"] > 1
+    tokenizer = AutoTokenizer.from_pretrained(dpo_out)
+    before = accuracy_and_margin(
+        answer_logps(AutoModelForCausalLM.from_pretrained(sft_model), tokenizer, pairs)
+    )
+    after = accuracy_and_margin(answer_logps(AutoModelForCausalLM.from_pretrained(dpo_out), tokenizer, pairs))
+    assert after[1] > 1.1 * before[1], (before, after)
+
+
+def hh_transcript(messages: list[dict]) -> str:
+    speakers = {"user": "Human", "assistant": "Assistant"}
+    return "".join(f"\n\n{speakers[m['role']]}: {m['content']}" for m in messages)
+
+
+@pytest.mark.slow
+def test_reward_and_dpo_on_anthropic_hh_transcripts(workdir, sft_model, tmp_path):
+    """The tiny pairs rewritten as HH transcripts ({chosen, rejected} whole dialogues) train both stages."""
+    for split in ("train", "test"):
+        rows = [
+            {
+                "chosen": hh_transcript(pair["prompt"] + pair["chosen"]),
+                "rejected": hh_transcript(pair["prompt"] + pair["rejected"]),
+            }
+            for pair in preference_pairs(workdir / f"data/tiny/preferences/{split}.jsonl")
+        ]
+        write_recipe(tmp_path / "hh" / f"{split}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    recipes = {}
+    for stage in ("reward", "dpo"):
+        text = (workdir / f"recipes/tiny/{stage}.yaml").read_text()
+        text = text.replace(
+            "data/tiny/preferences/train.jsonl", str(tmp_path / "hh/train.jsonl")
+        )  # auto-detected
+        text = text.replace(
+            "- path: data/tiny/preferences/test.jsonl",
+            f"- path: {tmp_path / 'hh/test.jsonl'}\n    format: hh",
+        )
+        recipes[stage] = str(write_recipe(tmp_path / f"{stage}_hh.yaml", text))
+    overrides = ["--model_name_or_path", str(sft_model), "--max_steps", "40"]
+    reward = run_stage(workdir, "reward", tmp_path / "reward", *overrides, recipe=recipes["reward"])
+    assert reward["metrics"]["eval"]["eval_accuracy"] >= 0.75
+    dpo = run_stage(workdir, "dpo", tmp_path / "dpo", *overrides, recipe=recipes["dpo"])
+    assert dpo["metrics"]["eval"]["eval_rewards/accuracies"] >= 0.75
+    assert dpo["metrics"]["eval"]["eval_rewards/margins"] > 1
