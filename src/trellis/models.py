@@ -89,13 +89,19 @@ def _kbit_device_map() -> dict | None:
     return {"": PartialState().local_process_index} if torch.cuda.is_available() else None
 
 
-def load_model(model_args, tokenizer, training_args, model_class=None):
-    """Load `model_name_or_path`, or build a fresh model from `model_config` (seeded by the caller)."""
+def load_model(model_args, tokenizer, training_args=None, model_class=None, trust_remote_code: bool = False):
+    """Load `model_name_or_path`, or build a fresh model from `model_config` (seeded by the caller).
+
+    Without `training_args` the model is loaded for inference (evaluation).
+    """
     import transformers
 
     model_class = model_class or transformers.AutoModelForCausalLM
     dtype = _torch_dtype(model_args.dtype)
-    use_cache = not training_args.activation_checkpointing  # the KV cache is useless when recomputing
+    # The KV cache is useless when activations are recomputed in training.
+    use_cache = training_args is None or not training_args.activation_checkpointing
+    if training_args is not None:
+        trust_remote_code = training_args.trust_remote_code
     if model_args.model_config:
         config = _config_from_recipe(model_args.model_config, tokenizer)
         config.use_cache = use_cache
@@ -119,7 +125,7 @@ def load_model(model_args, tokenizer, training_args, model_class=None):
         revision=model_args.model_revision,
         dtype=dtype,
         attn_implementation=model_args.attn_implementation,
-        trust_remote_code=training_args.trust_remote_code,
+        trust_remote_code=trust_remote_code,
         use_cache=use_cache,
         **kwargs,
     )
