@@ -259,7 +259,7 @@ def test_gates():
     ]
     with pytest.raises(GateError, match=r"failed 1 gate\(s\): a.acc = 0.4, required >= 0.5"):
         check_gates(["a.acc >= 0.5"], {"a.acc": 0.4}, "sft")
-    with pytest.raises(GateError, match=r"no metric 'a.ac' .* did you mean 'a.acc'"):
+    with pytest.raises(GateError, match=r"no metric 'a.ac' .*\(did you mean 'a.acc'\?\)"):
         check_gates(["a.ac >= 0.5"], {"a.acc": 0.4}, "sft")
 
 
@@ -283,3 +283,37 @@ def test_model_index_round_trips_through_huggingface_hub(tmp_path):
         ("data/wiki.jsonl", "wiki", "perplexity", 9.5),
     }
     assert result["delta_vs_baseline"] == {"mmlu.acc": {"sft": 0.25}, "wiki.perplexity": {"sft": None}}
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(workdir) -> Path:
+    """The SFT model of recipes/tiny/sft.yaml, where recipes/tiny/eval.yaml looks for it."""
+    result = run_script(["sft.py", "--config", "recipes/tiny/sft.yaml"], cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / "outputs/tiny/sft"
+
+
+@pytest.mark.slow
+def test_tiny_eval_recipe_shows_what_sft_changed(workdir, tmp_path, tiny_sft):
+    out = tmp_path / "eval"
+    result = run_script(
+        ["evaluate.py", "--config", "recipes/tiny/eval.yaml", "--output_dir", str(out)], cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    form, preference = metrics["tiny_qa_form.acc"], metrics["tiny_preference.acc"]
+    # What SFT teaches: the untrained base never replies in the answer's form and stops; the SFT model does
+    # on most held-out questions, and prefers the well-formed reply to a rude or rambling one more often.
+    assert form["base"] == 0.0 and form["sft"] >= 0.5
+    assert preference["sft"] >= preference["base"] + 0.05
+    # What it does not teach: facts it never saw. Exact match on held-out facts stays near chance.
+    assert metrics["tiny_qa.exact_match"]["sft"] < 0.2
+    # The untrained base is near uniform over the 634-token vocabulary.
+    assert 550 < metrics["tiny_corpus.perplexity"]["base"] < 750
+    row = next(line for line in (out / "results.md").read_text().splitlines() if "tiny_qa_form.acc" in line)
+    assert row.startswith("| tiny_qa_form.acc | 0 |") and row.endswith("▲ |")
+    record = read_record(str(out))
+    assert record["status"] == "complete" and record["gates"][0].startswith("pass tiny_qa_form.acc >= 0.5")
+    card = ModelCard.load(tiny_sft / "README.md")
+    assert ("tiny_qa_form", "acc") in {(r.dataset_name, r.metric_type) for r in card.data.eval_results}

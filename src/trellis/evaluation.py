@@ -110,7 +110,8 @@ def fingerprint(args: EvalArguments, checkpoint: Checkpoint) -> str:
     directories = [checkpoint.path] if checkpoint.path and os.path.isdir(checkpoint.path) else []
     for directory in [*directories, *args.task_dirs]:
         for file in sorted(Path(directory).iterdir()):
-            if file.is_file():
+            # The model card is left out: this stage writes the results into it.
+            if file.is_file() and file.name != "README.md":
                 stat = file.stat()
                 state["files"][str(file)] = [stat.st_size, stat.st_mtime_ns]
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
