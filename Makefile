@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TINY_DATA := data/tiny
 CPU_LAUNCH := $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml
 
-.PHONY: install tiny tiny-data test lint format clean
+.PHONY: install tiny tiny-data tiny-eval test lint format clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ tiny-data: install
 # The tiny default on CPU, no downloads: generate the data and tokenizer, then fine-tune.
 tiny: tiny-data
 	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/sft.py --config recipes/tiny/sft.yaml
+
+# Before/after: the untrained model against the SFT model of `make tiny` (results in outputs/tiny/eval/).
+tiny-eval: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(CPU_LAUNCH) scripts/evaluate.py --config recipes/tiny/eval.yaml
 
 test: install
 	$(BIN)/python -m pytest tests
