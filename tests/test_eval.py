@@ -19,7 +19,7 @@ from trellis.gates import GateError, check_gates, parse_gate
 from trellis.perplexity import evaluate_perplexity, sliding_windows
 from trellis.run_record import read_record
 
-TASKS = "task_dirs: [recipes/tiny/tasks]\ntasks: [tiny_qa, tiny_qa_form, tiny_preference]\napply_chat_template: true\n"
+TASKS = "tasks: [tiny_qa, tiny_qa_form, tiny_preference]\napply_chat_template: true\n"
 LIMIT = 8  # held-out examples per task in the known-score test
 PERPLEXITY = (
     "perplexity:\n  - label: corpus\n    path: data/tiny/corpus/validation.jsonl\n    max_length: 64\n"
@@ -177,15 +177,16 @@ def test_known_scores_gates_resume_and_model_card(workdir, tmp_path, uniform_che
     assert read_record(str(out))["status"] == "failed"
 
 
-def test_unknown_task_lists_the_closest_names(workdir, tmp_path):
+def test_unknown_task_lists_the_closest_names_and_code_tasks_are_opt_in(workdir, tmp_path):
     recipe = (
         f"output_dir: {tmp_path}\ncheckpoints:\n  - name: x\n    path: {tmp_path}\n"
-        "task_dirs: [recipes/tiny/tasks]\ntasks: [tiny_qa_fom, arc_easyy]\n"
+        "tasks: [tiny_qa_fom, arc_easyy, humaneval]\n"
     )
     result = evaluate(workdir, recipe, "eval_bad_task")
     assert result.returncode == 2
     assert "unknown task 'tiny_qa_fom'; closest: tiny_qa_form" in result.stderr
     assert "unknown task 'arc_easyy'; closest: arc_easy" in result.stderr
+    assert "task 'humaneval' executes code the model writes" in result.stderr  # opt-in only
     assert not (tmp_path / "trellis_run.json").exists(), "nothing runs before the tasks are checked"
 
 

@@ -353,7 +353,8 @@ def validate_recipe_file(path: str, stage: str | None = None) -> str:
 
     stage = stage or stage_of_recipe(path)
     # A GPU recipe (bf16) must validate on a machine without one, so validation runs it as if on CPU.
-    on_cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    trains = "use_cpu" in _field_names(stage_types(stage))
+    on_cpu = ["--use_cpu", "true"] if trains and not torch.cuda.is_available() else []
     parse_recipe(stage, ["--config", path, *on_cpu])
     return stage
 

@@ -22,6 +22,11 @@ from trellis.errors import TrellisError
 logger = logging.getLogger(__name__)
 
 
+# lm-eval task YAML files shipped with Trellis; their relative data_files are resolved from the working
+# directory, like every path in a recipe.
+BUILTIN_TASKS = Path(__file__).parent / "tasks"
+
+
 class EvaluationError(TrellisError):
     """A task, checkpoint or setting of the evaluation stage is unusable."""
 
@@ -29,11 +34,15 @@ class EvaluationError(TrellisError):
 # --- checks before anything heavy loads --------------------------------------------------------------
 
 
+def task_dirs(args: EvalArguments) -> list[str]:
+    """Trellis's own tasks (the tiny default's), then the recipe's."""
+    return [str(BUILTIN_TASKS), *(os.path.abspath(os.path.expanduser(d)) for d in args.task_dirs)]
+
+
 def task_manager(args: EvalArguments):
     from lm_eval.tasks import TaskManager
 
-    include = [os.path.abspath(os.path.expanduser(d)) for d in args.task_dirs]
-    return TaskManager(include_path=include or None)
+    return TaskManager(include_path=task_dirs(args))
 
 
 def check_tasks(args: EvalArguments, manager) -> None:
@@ -62,11 +71,7 @@ def check_tasks(args: EvalArguments, manager) -> None:
                 if message := local_path_problem(path, f"data file of task {name!r}"):
                     problems.append(message)
     if problems:
-        listing = (
-            "lm_eval ls tasks"
-            if not args.task_dirs
-            else f"lm_eval ls tasks --include_path {args.task_dirs[0]}"
-        )
+        listing = f"lm_eval ls tasks --include_path {','.join(task_dirs(args))}"
         raise EvaluationError("\n  ".join(["tasks:", *problems, f"(all task names: `{listing}`)"]))
 
 
@@ -107,13 +112,15 @@ def fingerprint(args: EvalArguments, checkpoint: Checkpoint) -> str:
         if key not in ("output_dir", "checkpoints", "baseline", "candidate", "gates", "model_card")
     }
     state = {"checkpoint": dataclasses.asdict(checkpoint), "settings": settings, "files": {}}
-    directories = [checkpoint.path] if checkpoint.path and os.path.isdir(checkpoint.path) else []
-    for directory in [*directories, *args.task_dirs]:
-        for file in sorted(Path(directory).iterdir()):
-            # The model card is left out: this stage writes the results into it.
-            if file.is_file() and file.name != "README.md":
-                stat = file.stat()
-                state["files"][str(file)] = [stat.st_size, stat.st_mtime_ns]
+    files = []
+    if checkpoint.path and os.path.isdir(checkpoint.path):
+        # The model card is left out: this stage writes the results into it.
+        files += [f for f in Path(checkpoint.path).iterdir() if f.is_file() and f.name != "README.md"]
+    for directory in task_dirs(args):
+        files += [f for f in Path(directory).rglob("*") if f.suffix in (".yaml", ".yml", ".py", ".jinja")]
+    for file in sorted(files):
+        stat = file.stat()
+        state["files"][str(file)] = [stat.st_size, stat.st_mtime_ns]
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
