@@ -100,8 +100,6 @@ def load_model(model_args, tokenizer, training_args=None, model_class=None, trus
     dtype = _torch_dtype(model_args.dtype)
     # The KV cache is useless when activations are recomputed in training.
     use_cache = training_args is None or not training_args.activation_checkpointing
-    if training_args is not None:
-        trust_remote_code = training_args.trust_remote_code
     if model_args.model_config:
         config = _config_from_recipe(model_args.model_config, tokenizer)
         config.use_cache = use_cache
@@ -116,6 +114,8 @@ def load_model(model_args, tokenizer, training_args=None, model_class=None, trus
         return model
 
     _check_source(model_args.model_name_or_path, "model directory")
+    if training_args is not None:
+        trust_remote_code = training_args.trust_remote_code
     kwargs = {}
     quantization = quantization_config(model_args)
     if quantization is not None:
