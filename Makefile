@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TINY_DATA := data/tiny
 CPU_LAUNCH := $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml
 
-.PHONY: install tiny tiny-data tiny-prepare-data tiny-align test lint format clean
+.PHONY: install tiny tiny-data tiny-prepare-data tiny-align tiny-eval test lint format clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ tiny-align: tiny
 	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/reward.py --config recipes/tiny/reward.yaml
 	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/ppo.py --config recipes/tiny/ppo.yaml
 	HF_HUB_OFFLINE=1 $(CPU_LAUNCH) scripts/dpo.py --config recipes/tiny/dpo.yaml
+
+# Before/after: the untrained model against the SFT model of `make tiny` (results in outputs/tiny/eval/).
+tiny-eval: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(CPU_LAUNCH) scripts/evaluate.py --config recipes/tiny/eval.yaml
 
 test: install
 	$(BIN)/python -m pytest tests

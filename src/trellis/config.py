@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from trl import ModelConfig  # a plain dataclass; TRL imports its trainers lazily
@@ -90,6 +90,8 @@ class DatasetSource:
 class ScriptArguments:
     """Data for a stage: a weighted mixture of sources, and held-out evaluation data."""
 
+    nested_items: ClassVar[dict[str, type]] = {"datasets": DatasetSource, "eval_datasets": DatasetSource}
+
     datasets: list[dict] = field(
         default_factory=list,
         metadata={"help": "Training sources, each a mapping with the keys of DatasetSource."},
@@ -114,14 +116,6 @@ class ScriptArguments:
     def __post_init__(self) -> None:
         self.datasets = [as_source(item) for item in self.datasets]
         self.eval_datasets = [as_source(item) for item in self.eval_datasets]
-
-
-# Keys whose value is a list of mappings, checked key by key against a dataclass.
-LIST_OF_MAPPINGS: dict[str, type] = {
-    "datasets": DatasetSource,
-    "eval_datasets": DatasetSource,
-    "decontamination_datasets": DatasetSource,
-}
 
 
 def as_source(item: dict | DatasetSource) -> DatasetSource:
@@ -203,6 +197,12 @@ def _ppo_types() -> tuple[type, ...]:
     return PPOScriptArguments, PPOConfig, ModelArguments
 
 
+def _eval_types() -> tuple[type, ...]:
+    from trellis.eval_recipe import EvalArguments
+
+    return (EvalArguments,)
+
+
 # Stage name -> the dataclasses its recipe fills, in the order parse_recipe returns them.
 STAGES: dict[str, Callable[[], tuple[type, ...]]] = {
     "data": _data_types,
@@ -211,13 +211,14 @@ STAGES: dict[str, Callable[[], tuple[type, ...]]] = {
     "reward": _reward_types,
     "dpo": _dpo_types,
     "ppo": _ppo_types,
+    "eval": _eval_types,
 }
 
 
 def stage_types(stage: str) -> tuple[type, ...]:
     if stage not in STAGES:
         raise RecipeError(
-            f"unknown stage {stage!r}{_did_you_mean(stage, STAGES)}; stages: {', '.join(STAGES)}"
+            f"unknown stage {stage!r}{did_you_mean(stage, STAGES)}; stages: {', '.join(STAGES)}"
         )
     return STAGES[stage]()
 
@@ -260,7 +261,7 @@ def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = 
         flags = [arg for arg in unknown if arg.startswith("--")] or unknown
         raise RecipeError(
             "unknown command-line argument(s): "
-            + "; ".join(f"{flag}{_did_you_mean(flag.lstrip('-').split('=')[0], names)}" for flag in flags)
+            + "; ".join(f"{flag}{did_you_mean(flag.lstrip('-').split('=')[0], names)}" for flag in flags)
         )
     problems = check_semantics(parsed) + (check_local_paths(parsed) if check_paths else [])
     if problems:
@@ -375,7 +376,7 @@ def _field_names(dataclass_types: tuple[type, ...]) -> list[str]:
     return [f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init]
 
 
-def _did_you_mean(word: str, candidates) -> str:
+def did_you_mean(word: str, candidates) -> str:
     match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
@@ -394,17 +395,19 @@ def check_recipe(
     """Check every key and value of a recipe; return it with values coerced (e.g. '2e-5' -> 2e-05)."""
     lines = lines or {}
     known: dict[str, tuple[dataclasses.Field, Any]] = {}
+    nested_items: dict[str, type] = {}  # keys holding a list of mappings, checked key by key
     for cls in dataclass_types:
         known.update(_fields_with_hints(cls))
+        nested_items.update(getattr(cls, "nested_items", {}))
     checked, problems = {}, []
     for key, value in recipe.items():
         key = str(key)
         line = lines.get((key,))
         if key not in known:
-            problems.append(Problem(key, f"unknown key{_did_you_mean(key, known)}", line))
+            problems.append(Problem(key, f"unknown key{did_you_mean(key, known)}", line))
             continue
         spec, hint = known[key]
-        item_type = LIST_OF_MAPPINGS.get(key)
+        item_type = nested_items.get(key)
         if item_type is not None:
             value, item_problems = _check_items(key, value, item_type, lines)
             problems += item_problems
@@ -434,7 +437,7 @@ def _check_items(key: str, value: Any, item_type: type, lines: dict) -> tuple[li
             where = f"{key}[{index}].{name}"
             line = lines.get((key, index, name))
             if name not in fields:
-                problems.append(Problem(where, f"unknown key{_did_you_mean(str(name), fields)}", line))
+                problems.append(Problem(where, f"unknown key{did_you_mean(str(name), fields)}", line))
                 continue
             spec, hint = fields[name]
             result = _check_value(item_value, hint, spec)
@@ -482,7 +485,7 @@ def _check_value(value: Any, hint: Any, spec: dataclasses.Field | None = None) -
     """Return _Ok(coerced value) if `value` fits the type hint, else a message saying what was expected."""
     choices = spec.metadata.get("choices") if spec is not None else None
     if choices and value is not None and value not in choices:
-        return f"got {value!r}, expected one of: {', '.join(map(str, choices))}{_did_you_mean(str(value), map(str, choices))}"
+        return f"got {value!r}, expected one of: {', '.join(map(str, choices))}{did_you_mean(str(value), map(str, choices))}"
     result = _fit(value, hint)
     if result is None:
         return f"expected {_type_name(hint)}, got {type(value).__name__} {value!r}"
@@ -501,7 +504,7 @@ def _fit(value: Any, hint: Any) -> _Ok | str | None:
             if value not in allowed:
                 return (
                     f"got {value!r}, expected one of: {', '.join(map(str, allowed))}"
-                    f"{_did_you_mean(value, map(str, allowed))}"
+                    f"{did_you_mean(value, map(str, allowed))}"
                 )
             return _Ok(value)
         for arg in args:
@@ -519,7 +522,7 @@ def _fit(value: Any, hint: Any) -> _Ok | str | None:
         allowed = [member.value for member in hint]
         if value in allowed or isinstance(value, hint):
             return _Ok(value)
-        return f"got {value!r}, expected one of: {', '.join(map(str, allowed))}{_did_you_mean(str(value), map(str, allowed))}"
+        return f"got {value!r}, expected one of: {', '.join(map(str, allowed))}{did_you_mean(str(value), map(str, allowed))}"
     if hint is bool:
         return _Ok(value) if isinstance(value, bool) else None
     if hint is int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from trellis.config import Problem, as_source
+from trellis.config import DatasetSource, Problem, as_source
 
 UNICODE_FORMS = ("NFC", "NFKC", "none")
 
@@ -19,6 +19,11 @@ def _help(text: str, **extra: Any) -> dict:
 class DataArguments:
     """The data stage: sources, cleaning, filters (each off with `false`/null), dedup, decontamination,
     tokenizer, packing. Every threshold is a key of the recipe."""
+
+    nested_items: ClassVar[dict[str, type]] = {
+        "datasets": DatasetSource,
+        "decontamination_datasets": DatasetSource,
+    }
 
     output_dir: str = field(metadata=_help("Where the packed dataset, tokenizer and report are written."))
     datasets: list[dict] = field(

@@ -89,16 +89,22 @@ def _kbit_device_map() -> dict | None:
     return {"": PartialState().local_process_index} if torch.cuda.is_available() else None
 
 
-def load_model(model_args, tokenizer, training_args, model_class=None, **config_overrides):
+def load_model(
+    model_args, tokenizer, training_args=None, model_class=None, trust_remote_code=False, **config_overrides
+):
     """Load `model_name_or_path`, or build a fresh model from `model_config` (seeded by the caller).
 
-    `config_overrides` set config attributes, e.g. `num_labels=1` for a reward model.
+    Without `training_args` the model is loaded for inference (evaluation). Remote code runs only if
+    the stage's config (`training_args.trust_remote_code`) or the caller says so. `config_overrides`
+    set config attributes, e.g. `num_labels=1` for a reward model.
     """
     import transformers
 
     model_class = model_class or transformers.AutoModelForCausalLM
     dtype = torch_dtype(model_args.dtype)
-    use_cache = not training_args.activation_checkpointing  # the KV cache is useless when recomputing
+    # The KV cache is useless when activations are recomputed in training.
+    use_cache = training_args is None or not training_args.activation_checkpointing
+    trust_remote_code = trust_remote_code or getattr(training_args, "trust_remote_code", False)
     if model_args.model_config:
         config = _config_from_recipe(model_args.model_config, tokenizer)
         config.use_cache = use_cache
@@ -124,7 +130,7 @@ def load_model(model_args, tokenizer, training_args, model_class=None, **config_
         revision=model_args.model_revision,
         dtype=dtype,
         attn_implementation=model_args.attn_implementation,
-        trust_remote_code=training_args.trust_remote_code,
+        trust_remote_code=trust_remote_code,
         use_cache=use_cache,
         **kwargs,
         **config_overrides,

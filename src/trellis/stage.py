@@ -15,7 +15,9 @@ logger = logging.getLogger("trellis")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def setup_logging(training_args) -> None:
+def setup_logging(training_args=None) -> None:
+    """Progress lines on the main process; the libraries at the training arguments' log level (or
+    warnings only, for stages without training arguments)."""
     import datasets
     import transformers
 
@@ -25,9 +27,14 @@ def setup_logging(training_args) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
         force=True,
     )
-    level = training_args.get_process_log_level()
+    if training_args is None:
+        from accelerate import PartialState
+
+        level, is_main_process = logging.WARNING, PartialState().is_main_process
+    else:
+        level, is_main_process = training_args.get_process_log_level(), training_args.should_log
     # Trellis's own progress lines show on the main process even when the libraries stay quiet.
-    logging.getLogger("trellis").setLevel(logging.INFO if training_args.should_log else level)
+    logging.getLogger("trellis").setLevel(logging.INFO if is_main_process else level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
 
