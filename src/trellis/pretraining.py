@@ -93,7 +93,8 @@ class GuardedTrainer(Trainer):
 class EMACallback(TrainerCallback):
     """An fp32 exponential moving average of the weights, checkpointed with the run.
 
-    Under FSDP2 each parameter is a sharded DTensor, so its EMA copy is sharded the same way.
+    The copies are taken of the parameters as the process holds them, so under FSDP2 (DTensor
+    shards) they would be sharded the same way; sharded runs are not tested yet.
     """
 
     def __init__(
@@ -115,23 +116,37 @@ class EMACallback(TrainerCallback):
             saved = load_file(os.path.join(self.resume_from, EMA_FILE))
             self.shadow = {name: saved[name] for name in self.shadow}
             logger.info("Resumed the EMA weights from %s", self.resume_from)
+        elif self.resume_from:
+            logger.warning(
+                "%s has no EMA weights (EMA was off?): the EMA restarts from the resumed weights",
+                self.resume_from,
+            )
 
     @torch.no_grad()
     def on_step_end(self, args, state, control, **kwargs):
         step, first = state.global_step, max(self.start_step, 1)
-        if step < first or (step - first) % self.update_every:
-            return
-        decay = 0.0 if step == first else self.decay  # start from the trained weights, not the initial ones
-        for name, param in self.model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
+        if step >= first and (step - first) % self.update_every == 0:
+            decay = (
+                0.0 if step == first else self.decay
+            )  # start from the trained weights, not the initial ones
+            for name, param in self.model.named_parameters():
+                if name in self.shadow:
+                    self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
+        if control.should_save and args.should_save:
+            self._save(os.path.join(args.output_dir, f"checkpoint-{step}"))
 
-    def on_save(self, args, state, control, **kwargs):
+    def _save(self, checkpoint_dir: str) -> None:
+        """Write the EMA into the checkpoint the Trainer is about to write.
+
+        on_save would come after the Trainer's trainer_state.json, which marks a checkpoint complete;
+        a kill in between would leave a "complete" checkpoint without its EMA.
+        """
         from safetensors.torch import save_file
 
-        if args.should_save:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", EMA_FILE)
-            save_file({name: t.contiguous() for name, t in self.shadow.items()}, path)
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        tmp = os.path.join(checkpoint_dir, EMA_FILE + ".tmp")
+        save_file({name: t.contiguous() for name, t in self.shadow.items()}, tmp)
+        os.replace(tmp, os.path.join(checkpoint_dir, EMA_FILE))
 
 
 def perplexity(loss: float) -> float:
