@@ -18,17 +18,12 @@ from trellis.errors import exit_on_error
 def main() -> None:
     script_args, training_args, model_args = parse_recipe("ppo")
 
-    from transformers import set_seed
     from trl.experimental.ppo import PPOTrainer
 
     from trellis import alignment, chat, data, models
-    from trellis.run_record import RunRecord
-    from trellis.stage import save_final_model, setup_logging
+    from trellis.stage import save_final_model, start_training_run
 
-    setup_logging(training_args)
-    set_seed(training_args.seed)
-    configs = {"script": script_args, "model": model_args, "training": training_args}
-    with RunRecord("ppo", training_args.output_dir, configs, training_args.process_index == 0) as record:
+    with start_training_run("ppo", script_args, training_args, model_args) as record:
         # PPO generates from the right edge of each prompt: pad on the left.
         tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code, padding_side="left")
         alignment.check_padding(tokenizer)
@@ -39,7 +34,7 @@ def main() -> None:
         record.set_input("value_model", value_model_path)
 
         dataset = data.load_train_eval(script_args, seed=training_args.seed, task="prompts")
-        record.set_input("datasets", {split: ds._fingerprint for split, ds in dataset.items()})
+        record.set_input("datasets", data.fingerprints(dataset))
         policy = models.load_model(model_args, tokenizer, training_args)
         chat.apply_chat_template(policy, tokenizer, model_args.chat_template)
         prompts = {split: alignment.tokenize_prompts(ds, tokenizer) for split, ds in dataset.items()}

@@ -18,22 +18,23 @@ from trellis.errors import exit_on_error
 def main() -> None:
     pretrain_args, training_args, model_args = parse_recipe("pretrain")
 
-    from transformers import set_seed
-
     from trellis import models, pretraining
     from trellis.averaging import average_checkpoints, last_checkpoints
     from trellis.corpus import load_packed
+    from trellis.data import fingerprints
     from trellis.distributed import check_distributed_setup, effective_sharding
     from trellis.memory import estimate_for_model
-    from trellis.run_record import RunRecord
-    from trellis.stage import logger, resume_checkpoint, save_final_model, setup_logging, train_and_evaluate
+    from trellis.stage import (
+        logger,
+        resume_checkpoint,
+        save_final_model,
+        start_training_run,
+        train_and_evaluate,
+    )
 
-    setup_logging(training_args)
-    set_seed(training_args.seed)
-    configs = {"pretrain": pretrain_args, "model": model_args, "training": training_args}
-    with RunRecord("pretrain", training_args.output_dir, configs, training_args.process_index == 0) as record:
-        data, tokenizer = load_packed(pretrain_args.dataset_path)  # the tokenizer the data was packed with
-        record.set_input("dataset", {split: ds._fingerprint for split, ds in data.items()})
+    with start_training_run("pretrain", pretrain_args, training_args, model_args) as record:
+        packed, tokenizer = load_packed(pretrain_args.dataset_path)  # the tokenizer the data was packed with
+        record.set_input("datasets", fingerprints(packed))
         model = models.load_model(model_args, tokenizer, training_args)
 
         ema = None
@@ -47,8 +48,8 @@ def main() -> None:
         trainer = pretraining.GuardedTrainer(
             model=model,
             args=training_args,
-            train_dataset=data["train"],
-            eval_dataset=data["validation"],
+            train_dataset=packed["train"],
+            eval_dataset=packed["validation"],
             data_collator=pretraining.BlockCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
             callbacks=[ema] if ema else None,
@@ -58,7 +59,7 @@ def main() -> None:
         estimate = estimate_for_model(
             model,
             training_args,
-            len(data["train"][0]["input_ids"]),
+            len(packed["train"][0]["input_ids"]),
             effective_sharding(trainer.accelerator),
             trainer.accelerator.num_processes,
         )

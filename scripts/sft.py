@@ -16,19 +16,14 @@ from trellis.errors import exit_on_error
 def main() -> None:
     script_args, training_args, model_args = parse_recipe("sft")
 
-    from transformers import set_seed
     from trl import SFTTrainer
 
     from trellis import chat, data, models
-    from trellis.run_record import RunRecord
-    from trellis.stage import save_final_model, setup_logging, train_and_evaluate
+    from trellis.stage import save_final_model, start_training_run, train_and_evaluate
 
-    setup_logging(training_args)
-    set_seed(training_args.seed)
-    configs = {"script": script_args, "model": model_args, "training": training_args}
-    with RunRecord("sft", training_args.output_dir, configs, training_args.process_index == 0) as record:
+    with start_training_run("sft", script_args, training_args, model_args) as record:
         dataset = data.load_train_eval(script_args, seed=training_args.seed)
-        record.set_input("datasets", {split: ds._fingerprint for split, ds in dataset.items()})
+        record.set_input("datasets", data.fingerprints(dataset))
         tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code)
         model = models.load_model(model_args, tokenizer, training_args)
         chat.apply_chat_template(model, tokenizer, model_args.chat_template)

@@ -290,3 +290,8 @@ def load_train_eval(script_args: ScriptArguments, seed: int, task: str = "messag
         size = script_args.test_split_size
         return train.train_test_split(test_size=int(size) if size >= 1 else size, seed=seed)
     return datasets.DatasetDict(train=train)
+
+
+def fingerprints(dataset_dict) -> dict[str, str]:
+    """The `datasets` fingerprint of every split: what the run record calls the data it trained on."""
+    return {split: dataset._fingerprint for split, dataset in dataset_dict.items()}

@@ -39,6 +39,16 @@ def setup_logging(training_args=None) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
+def start_training_run(stage: str, script_args, training_args, model_args) -> RunRecord:
+    """What every training stage starts with: logging, the seed, and its run record (a context manager)."""
+    from transformers import set_seed
+
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    configs = {"script": script_args, "model": model_args, "training": training_args}
+    return RunRecord(stage, training_args.output_dir, configs, training_args.process_index == 0)
+
+
 def checkpoints_by_step(output_dir: str) -> list[str]:
     """The fully written checkpoint-N directories in output_dir, oldest first.
 
