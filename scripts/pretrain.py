@@ -76,15 +76,22 @@ def main() -> None:
         if pretrain_args.average_last_checkpoints:
             from safetensors.torch import load_file
 
-            averaged = average_checkpoints(
-                last_checkpoints(training_args.output_dir, pretrain_args.average_last_checkpoints),
-                os.path.join(training_args.output_dir, "averaged"),
-            )
+            averaged = os.path.join(training_args.output_dir, "averaged")
+            if trainer.accelerator.is_main_process:
+                checkpoints = last_checkpoints(
+                    training_args.output_dir, pretrain_args.average_last_checkpoints
+                )
+                average_checkpoints(checkpoints, averaged)
+            trainer.accelerator.wait_for_everyone()
             variants["averaged"] = load_file(os.path.join(averaged, "model.safetensors"))
         for name, weights in variants.items():
             raw = pretraining.swap_weights(trainer.model, weights)
-            if name == "ema":
-                trainer.save_model(os.path.join(training_args.output_dir, "ema"))
+            if name == "ema" and trainer.accelerator.is_main_process:
+                for saved in (
+                    trainer.model,
+                    tokenizer,
+                ):  # weights and tokenizer only: no pickled Trainer args
+                    saved.save_pretrained(os.path.join(training_args.output_dir, "ema"))
             record.set_metrics(f"eval_{name}", trainer.evaluate(metric_key_prefix="eval"))
             pretraining.swap_weights(trainer.model, raw)
         for name in ("eval", *(f"eval_{v}" for v in variants)):

@@ -68,7 +68,9 @@ def test_tiny_pretraining_learns_with_ema_and_averaging(workdir, tiny_data_outpu
     assert metrics["eval_averaged"]["eval_loss"] < metrics["initial"]["eval_loss"] / 2
     assert record["memory_estimate_gib"]["total"] > 0
 
-    # Every variant is a model directory that loads and scores what the record says.
+    # Every variant is a model directory (safetensors, no pickles) that loads and scores what the record says.
+    for variant in ("", "ema", "averaged"):
+        assert (out / variant / "model.safetensors").exists() and not list((out / variant).glob("*.bin"))
     for variant, name in (("", "eval"), ("ema", "eval_ema"), ("averaged", "eval_averaged")):
         loss = validation_loss(out / variant, tiny_data_output)
         assert loss == pytest.approx(metrics[name]["eval_loss"], abs=2e-3), variant
