@@ -10,23 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-
-from trl.experimental.ppo import PPOConfig as TrlPPOConfig
 
 from trellis.errors import TrellisError
 from trellis.models import load_model
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PPOConfig(TrlPPOConfig):
-    """TRL's PPOConfig plus the `trust_remote_code` key every other stage's config has."""
-
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow models whose code lives in their Hub repository."}
-    )
 
 
 class AlignmentError(TrellisError):

@@ -192,7 +192,7 @@ def _dpo_types() -> tuple[type, ...]:
 
 
 def _ppo_types() -> tuple[type, ...]:
-    from trellis.alignment import PPOConfig
+    from trellis.ppo_config import PPOConfig
 
     return PPOScriptArguments, PPOConfig, ModelArguments
 
