@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig
 
 from trellis import benchmark
-from trellis.throughput import CountingCollator, ThroughputMeter, flops_per_token
+from trellis.throughput import CountingCollator, ThroughputMeter, flops_per_token, take_counts
 
 
 class _Args:
@@ -22,17 +22,22 @@ def _pad_collator(examples):
 
 def test_meter_counts_real_and_processed_tokens_of_the_micro_batches_each_step_consumed():
     collator = CountingCollator(_pad_collator)
-    meter = ThroughputMeter(collator, warmup_steps=1)
+    meter = ThroughputMeter(warmup_steps=1)
     meter.on_train_begin(_Args(), None, None)
-    # Step 1: one micro-batch (3 + 5 tokens, padded to 2 x 5); the dataloader already looked ahead.
-    collator([{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2, 3, 4, 5]}])
-    collator([{"input_ids": [7] * 4}, {"input_ids": [7] * 4}])  # look-ahead: step 2's first micro-batch
+    # The dataloader builds batches ahead of the steps (and in worker processes when it has any):
+    # a step counts the batches the training step took, read off the batches themselves.
+    batches = [
+        collator([{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2, 3, 4, 5]}]),  # 8 real of 2 x 5
+        collator([{"input_ids": [7] * 4}, {"input_ids": [7] * 4}]),  # 8 real of 8
+        collator([{"input_ids": [5]}, {"input_ids": [5, 6]}]),  # 3 real of 2 x 2
+    ]
+    meter.count(take_counts(batches[0]))
     meter.on_step_end(_Args(), None, None)
-    # Step 2: two micro-batches (gradient accumulation): 8 real of 8, then 1 + 2 real of 2 x 2.
-    collator([{"input_ids": [5]}, {"input_ids": [5, 6]}])
-    meter.on_substep_end(_Args(), None, None)
+    for batch in batches[1:]:  # step 2: two micro-batches (gradient accumulation)
+        meter.count(take_counts(batch))
     meter.on_step_end(_Args(), None, None)
 
+    assert all(set(batch) == {"input_ids", "attention_mask"} for batch in batches)  # counts taken out
     first, second = meter.steps
     assert (first.real_tokens, first.processed_tokens) == (8, 10)
     assert (second.real_tokens, second.processed_tokens) == (11, 12)
@@ -44,10 +49,10 @@ def test_meter_counts_real_and_processed_tokens_of_the_micro_batches_each_step_c
 
 def test_steps_holding_an_evaluation_are_not_measured():
     collator = CountingCollator(_pad_collator)
-    meter = ThroughputMeter(collator, warmup_steps=0)
+    meter = ThroughputMeter(warmup_steps=0)
     meter.on_train_begin(_Args(), None, None)
     for step in range(3):
-        collator([{"input_ids": [1, 2]}])
+        meter.count(take_counts(collator([{"input_ids": [1, 2]}])))
         meter.on_step_end(_Args(), None, None)
         if step == 0:
             meter.on_evaluate(_Args(), None, None)  # runs after step 1, inside step 2's interval
@@ -129,6 +134,7 @@ def test_benchmark_of_a_tiny_run_counts_every_token_and_compares_pairs(workdir, 
         f"model_config: {workdir / 'recipes' / 'tiny' / 'model.json'}\n"
         "output_dir: unused\nper_device_train_batch_size: 4\nlearning_rate: 1.0e-3\n"
         "optim: adamw_torch\n"  # a speed key away from the default (adamw_torch_fused): the baseline resets it
+        "dataloader_num_workers: 1\n"  # batches (and their token counts) built in another process
         "use_cpu: true\nbf16: false\nseed: 0\n"
     )
     report = tmp_path / "benchmark.json"
@@ -142,7 +148,10 @@ def test_benchmark_of_a_tiny_run_counts_every_token_and_compares_pairs(workdir, 
         cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'the trainer\'s defaults for {"optim": "adamw_torch_fused"}' in result.stdout
+    assert (
+        'the trainer\'s defaults for {"optim": "adamw_torch_fused", "dataloader_num_workers": 0}'
+        in result.stdout
+    )
     assert "| tokens_per_second (higher is better) |" in result.stdout
     measured = json.loads(report.read_text())
     for name in ("trellis", "baseline"):
@@ -161,7 +170,6 @@ def test_preference_batches_count_the_tokens_their_attention_mask_keeps():
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     collator = CountingCollator(DataCollatorForPreference(pad_token_id=0))
-    collator([{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]}])
+    batch = take_counts(collator([{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]}]))
     # Processed: prompt + chosen and prompt + rejected, padded to 5 each; real: 3 + 5.
-    (batch,) = collator.batches
     assert (batch.real, batch.processed, batch.row_length) == (8, 10, 5)

@@ -29,18 +29,22 @@ class BatchTokens:
     row_length: int  # the sequence length attention runs over
 
 
+COUNTS_KEY = "trellis_token_counts"  # rides in the batch from the collator to the training step
+
+
 class CountingCollator:
-    """Wraps a data collator and records the tokens of every batch it builds, in order.
+    """Wraps a data collator and adds the token counts of every batch it builds to the batch itself.
 
     What the model processes is every `*input_ids` tensor of the batch, padding and all; the real
     tokens are those its attention mask keeps (`input_ids` with `attention_mask`, DPO's or ORPO's
     `chosen_input_ids` with `chosen_attention_mask`, ...). A batch without a mask is padding-free
-    (packed SFT, pretraining blocks): its real tokens are the examples' own.
+    (packed SFT, pretraining blocks): its real tokens are the examples' own. The counts travel in
+    the batch (as `COUNTS_KEY`) because the collator runs in the dataloader's worker processes when
+    there are any; the meter takes them out before the trainer sees the batch.
     """
 
     def __init__(self, collator) -> None:
         self.collator = collator
-        self.batches: list[BatchTokens] = []
 
     def __call__(self, examples):
         batch = self.collator(examples)
@@ -55,11 +59,19 @@ class CountingCollator:
                 real += sum(len(example[key]) for example in examples if key in example) or ids.numel()
             processed += ids.numel()
             row_length = max(row_length, ids.shape[-1])
-        self.batches.append(BatchTokens(real, processed, row_length))
+        batch[COUNTS_KEY] = torch.tensor([real, processed, row_length])
         return batch
 
     def __getattr__(self, name):  # trainers read settings off their collator (e.g. padding_free)
+        if name.startswith("__") or name == "collator":  # unpickling in a worker, before __init__ ran
+            raise AttributeError(name)
         return getattr(self.collator, name)
+
+
+def take_counts(batch: dict) -> BatchTokens:
+    """Remove the counting collator's token counts from a batch and return them."""
+    real, processed, row_length = (int(value) for value in batch.pop(COUNTS_KEY))
+    return BatchTokens(real, processed, row_length)
 
 
 def flops_per_token(config, row_length: int) -> float:
@@ -106,10 +118,10 @@ class StepRecord:
 @dataclass
 class ThroughputMeter(TrainerCallback):
     """Times each optimizer step (wall clock between step ends, so data loading and the optimizer
-    count) and the tokens of the micro-batches it consumed; steps that contained an evaluation or a
-    checkpoint save, and the first `warmup_steps`, are left out of the figures."""
+    count) and the tokens of the micro-batches it consumed (`count` them as the trainer takes them);
+    steps that contained an evaluation or a checkpoint save, and the first `warmup_steps`, are left
+    out of the figures."""
 
-    collator: CountingCollator
     warmup_steps: int = WARMUP_STEPS
     restore: Callable[[], None] | None = None  # puts the trainer's own collator back for evaluation
     peak_tflops: float | None = None
@@ -117,7 +129,7 @@ class ThroughputMeter(TrainerCallback):
     loss_curve: list[list[float]] = field(default_factory=list)  # [real tokens seen, logged loss]
 
     def __post_init__(self) -> None:
-        self._consumed = 0
+        self._batches: list[BatchTokens] = []  # the micro-batches of the step under way
         self._last_end: float | None = None
         self._skip_next = False
         self._config = None
@@ -138,15 +150,12 @@ class ThroughputMeter(TrainerCallback):
                 self.peak_tflops = matmul_peak_tflops(args.device)
         self._last_end = self._now(args)
 
-    def on_substep_end(self, args, state, control, **kwargs):
-        self._consumed += 1
+    def count(self, batch: BatchTokens) -> None:
+        self._batches.append(batch)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._consumed += 1
         end = self._now(args)
-        batches = self.collator.batches[: self._consumed]
-        del self.collator.batches[: self._consumed]
-        self._consumed = 0
+        batches, self._batches = self._batches, []
         real = sum(batch.real for batch in batches)
         self._tokens_seen += real
         flops = 0.0
@@ -206,14 +215,22 @@ def peak_memory_gib(device: torch.device) -> dict[str, float]:
 def attach(trainer, warmup_steps: int = WARMUP_STEPS) -> ThroughputMeter:
     """Count the tokens of every training batch and time the steps of the next `trainer.train()`.
 
-    The training dataloader is built with the counting collator; evaluation keeps the original
-    (restored once training begins, after the training dataloader exists).
+    The training dataloader is built with the counting collator, and the trainer's training step
+    hands each batch's counts to the meter; evaluation keeps the original collator (restored once
+    training begins, after the training dataloader exists).
     """
     collator = CountingCollator(trainer.data_collator)
     trainer.data_collator = collator
     meter = ThroughputMeter(
-        collator, warmup_steps, restore=lambda: setattr(trainer, "data_collator", collator.collator)
+        warmup_steps, restore=lambda: setattr(trainer, "data_collator", collator.collator)
     )
+    training_step = trainer.training_step
+
+    def counted_training_step(model, inputs, *args, **kwargs):
+        meter.count(take_counts(inputs))
+        return training_step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = counted_training_step
     trainer.add_callback(meter)
     return meter
 
