@@ -117,19 +117,20 @@ def build_tokenizer(family: str, texts: list[str], vocab_size: int = 400):
 
 
 def tiny_config(fam: Family, tokenizer):
-    """The family's config scaled down to 2 layers of width 64; everything else (GQA ratio, tied
-    embeddings, RoPE base and scaling, Gemma 2's soft-capping and sliding window) kept."""
+    """The family's config scaled down to 2 layers of width 128 (MLP 256); everything else (GQA ratio, tied
+    embeddings, RoPE base and scaling, Gemma 2's soft-capping and sliding window) kept. Widths are
+    multiples of 128 so that the quantize recipes' GPTQ group sizes (64 or 128) fit as shipped."""
     from transformers import AutoConfig
 
     values = dict(fam.config)
     heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
     values.update(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4 if kv_heads == heads else 2,
-        head_dim=16,
+        head_dim=32,
         vocab_size=len(tokenizer),
         max_position_embeddings=min(values["max_position_embeddings"], 8192),
         bos_token_id=tokenizer.bos_token_id,
@@ -137,7 +138,7 @@ def tiny_config(fam: Family, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
     )
     if "query_pre_attn_scalar" in values:
-        values["query_pre_attn_scalar"] = 16
+        values["query_pre_attn_scalar"] = 32
     if "sliding_window" in values and values["sliding_window"]:
         values["sliding_window"] = 32  # shorter than the tiny conversations, so the window is exercised
     return AutoConfig.for_model(values.pop("model_type"), **values)
