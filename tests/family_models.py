@@ -105,14 +105,27 @@ TOKENS = {
 }
 
 
+# Families whose Hub tokenizer prepends BOS to every encoded text (Llama 3's post-processor, Gemma's and
+# Mistral's add_bos_token); SmolLM2's and Qwen2.5's add nothing.
+ADDS_BOS = ("llama3", "gemma2", "mistral")
+
+
 def build_tokenizer(family: str, texts: list[str], vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained on `texts`, carrying the family's special tokens and template."""
+    """A byte-level BPE tokenizer trained on `texts`, carrying the family's special tokens and template, and
+    prepending BOS to encoded text where the family's tokenizer does."""
     from trellis.tokenizer import train_bpe_tokenizer
 
     # A family without a pad token keeps none (pad_token=None), as its real tokenizer does.
     tokens = {"pad_token": None, **{k: v for k, v in TOKENS[family].items() if k.endswith("_token")}}
     tokenizer = train_bpe_tokenizer(texts, vocab_size, TOKENS[family]["extra"], **tokens)
     tokenizer.chat_template = official_template(family)
+    if family in ADDS_BOS:
+        from tokenizers import processors
+
+        bos = tokenizer.bos_token
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+        )
     return tokenizer
 
 

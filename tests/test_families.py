@@ -39,6 +39,7 @@ from trellis.families import (
     recipe_files,
 )
 from trellis.pipeline import load_pipeline
+from trellis.quantize_recipe import QuantizeArguments
 from trellis.run_record import read_record
 
 FIRST_OF_FAMILY = {f.family: f for f in reversed(FAMILIES)}
@@ -255,6 +256,7 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
         if stage == "eval":
             assert set(record["metrics"]) >= {c["name"] for c in values["checkpoints"]}
         if stage == "quantize":  # every variant made, and GPTQ with the recipe's settings
+            calibration_starts_with_one_bos(record, Path(paths["model_name_or_path"]))
             out = Path(paths["output_dir"])
             report = json.loads((out / quantization.REPORT_JSON).read_text())
             assert list(report["checkpoints"]) == ["original", *(v["name"] for v in values["variants"])]
@@ -271,6 +273,18 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
             bad.update(model_name_or_path=str(base), output_dir=str(tmp_path / "bad"))
             with pytest.raises(PreflightError, match="not in the loss mask"):
                 run_stage("sft", REPO / "recipes" / fam.name / "sft.yaml", {**bad, "eos_token": TOKENS[fam.family]["eos_token"]}, tmp_path)  # fmt: skip
+
+
+def calibration_starts_with_one_bos(record: dict, model: Path) -> None:
+    """GPTQ calibrates on the conversations as the model sees them: a tokenizer that prepends BOS (Llama 3,
+    Gemma, Mistral) must not add it again to a template that writes it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    args = QuantizeArguments(**record["config"]["quantize"])
+    for sample in quantization.calibration_data(args, tokenizer):
+        ids = sample["input_ids"][0].tolist()
+        assert ids[:2] != [tokenizer.bos_token_id] * 2, tokenizer.convert_ids_to_tokens(ids[:3])
 
 
 def test_each_family_size_trains_what_its_first_size_did_not_cover():
