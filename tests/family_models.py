@@ -105,31 +105,45 @@ TOKENS = {
 }
 
 
+# Families whose Hub tokenizer prepends BOS to every encoded text (Llama 3's post-processor, Gemma's and
+# Mistral's add_bos_token); SmolLM2's and Qwen2.5's add nothing.
+ADDS_BOS = ("llama3", "gemma2", "mistral")
+
+
 def build_tokenizer(family: str, texts: list[str], vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained on `texts`, carrying the family's special tokens and template."""
+    """A byte-level BPE tokenizer trained on `texts`, carrying the family's special tokens and template, and
+    prepending BOS to encoded text where the family's tokenizer does."""
     from trellis.tokenizer import train_bpe_tokenizer
 
     # A family without a pad token keeps none (pad_token=None), as its real tokenizer does.
     tokens = {"pad_token": None, **{k: v for k, v in TOKENS[family].items() if k.endswith("_token")}}
     tokenizer = train_bpe_tokenizer(texts, vocab_size, TOKENS[family]["extra"], **tokens)
     tokenizer.chat_template = official_template(family)
+    if family in ADDS_BOS:
+        from tokenizers import processors
+
+        bos = tokenizer.bos_token
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+        )
     return tokenizer
 
 
 def tiny_config(fam: Family, tokenizer):
-    """The family's config scaled down to 2 layers of width 64; everything else (GQA ratio, tied
-    embeddings, RoPE base and scaling, Gemma 2's soft-capping and sliding window) kept."""
+    """The family's config scaled down to 2 layers of width 128 (MLP 256); everything else (GQA ratio, tied
+    embeddings, RoPE base and scaling, Gemma 2's soft-capping and sliding window) kept. Widths are
+    multiples of 128 so that the quantize recipes' GPTQ group sizes (64 or 128) fit as shipped."""
     from transformers import AutoConfig
 
     values = dict(fam.config)
     heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
     values.update(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4 if kv_heads == heads else 2,
-        head_dim=16,
+        head_dim=32,
         vocab_size=len(tokenizer),
         max_position_embeddings=min(values["max_position_embeddings"], 8192),
         bos_token_id=tokenizer.bos_token_id,
@@ -137,7 +151,7 @@ def tiny_config(fam: Family, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
     )
     if "query_pre_attn_scalar" in values:
-        values["query_pre_attn_scalar"] = 16
+        values["query_pre_attn_scalar"] = 32
     if "sliding_window" in values and values["sliding_window"]:
         values["sliding_window"] = 32  # shorter than the tiny conversations, so the window is exercised
     return AutoConfig.for_model(values.pop("model_type"), **values)

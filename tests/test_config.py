@@ -17,7 +17,7 @@ from trellis.config import (
     validate_recipe_file,
 )
 
-# Stage recipes; pipeline files are validated by tests/test_pipeline.py.
+# Stage recipes; pipeline files are validated by tests/test_pipeline.py (tiny) and tests/test_families.py.
 RECIPES = sorted(path for path in REPO.glob("recipes/**/*.yaml") if path.name != "pipeline.yaml")
 
 TINY = """\

@@ -3,15 +3,17 @@
 For every family, a randomly initialised model of the same architecture (a scaled-down copy of the
 real config) with a tokenizer carrying the family's special tokens and official chat template stands
 in for the Hub model, and every stage recipe of the family runs one or two steps on CPU, in process,
-chained as a user would run them (data -> pretrain; sft -> reward, dpo -> ppo; eval). The recipes are
-read as shipped; only what cannot run here is overridden: the model and data paths, CPU and fp32
-instead of bf16, tiny batches and step counts (TRAIN and each stage's dictionary below). A broken recipe,
-template, EOS or pad token fails the run, and SFT's preflight (trellis.chat.check_eos_in_loss_mask)
-must find the family's end-of-turn token in the loss mask.
+chained as a user would run them (data -> pretrain; sft -> reward, dpo -> ppo; eval; quantize). The
+recipes are read as shipped; only what cannot run here is overridden: the model and data paths, CPU and
+fp32 instead of bf16, tiny batches and step counts (TRAIN and each stage's dictionary below). A broken
+recipe, template, EOS or pad token fails the run, and SFT's preflight (trellis.chat.check_eos_in_loss_mask)
+must find the family's end-of-turn token in the loss mask. Each family's pipeline.yaml must validate, every
+stage recipe with its overrides, and chain these recipes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import runpy
 import sys
@@ -22,8 +24,22 @@ import yaml
 from family_models import TOKENS, official_template, reference_template, write_tiny_family_model
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from trellis import quantization
 from trellis.chat import PreflightError
-from trellis.families import FAMILIES, REPO, Family, family, family_table, memory_table, recipe_files
+from trellis.config import parse_recipe
+from trellis.families import (
+    FAMILIES,
+    HEADROOM,
+    REPO,
+    Family,
+    family,
+    family_table,
+    memory_row,
+    memory_table,
+    recipe_files,
+)
+from trellis.pipeline import load_pipeline
+from trellis.quantize_recipe import QuantizeArguments
 from trellis.run_record import read_record
 
 FIRST_OF_FAMILY = {f.family: f for f in reversed(FAMILIES)}
@@ -116,14 +132,18 @@ NOT_EXERCISED = {
     "checkpoints", "datasets", "eval_datasets", "hub_model_id", "learning_rate", "num_train_epochs",
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
     "warmup_steps", "max_length", "block_size", "beta", "lora_r", "lora_alpha", "total_episodes",
-    "eval_steps", "save_steps", "logging_steps", "ema_decay", "ema_start_step",
+    "eval_steps", "save_steps", "logging_steps", "ema_decay", "ema_start_step", "tasks", "limit",
+    "batch_size", "calibration_datasets", "calibration_samples", "calibration_max_length", "perplexity",
+    "generation_tokens", "min_quality_retention",
 }  # fmt: skip
-ORDER = ("data", "pretrain", "sft", "reward", "dpo", "ppo", "eval")  # a recipe's stage: its name's prefix
+# A recipe's stage: its name's prefix. pipeline.yaml chains the others (test_family_pipeline_...).
+ORDER = ("data", "pretrain", "sft", "reward", "dpo", "ppo", "eval", "quantize")
 SCRIPTS = {"data": "prepare_data", "eval": "evaluate"}
 
 
 def load_recipes(fam: Family) -> dict[str, dict]:
-    names = sorted(recipe_files(fam), key=lambda name: (ORDER.index(name.split("_")[0]), name))
+    stages = [name for name in recipe_files(fam) if name != "pipeline"]
+    names = sorted(stages, key=lambda name: (ORDER.index(name.split("_")[0]), name))
     return {
         name: yaml.safe_load((REPO / "recipes" / fam.name / f"{name}.yaml").read_text()) for name in names
     }
@@ -159,6 +179,8 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
     fam: Family, workdir, corpus_texts, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(workdir)  # recipes name their templates relative to the checkout
+    # GPTQ packs the tiny weights in Python: compiling GPTQModel's C++ packer takes a minute (as recipes/tiny).
+    monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")
     base = write_tiny_family_model(fam, tmp_path / "base", corpus_texts)
     end_of_turn = TOKENS[fam.family]["end_of_turn"]
     outputs = f"outputs/{fam.name}/"
@@ -194,6 +216,18 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
                 "dtype": "float32",
                 "gen_kwargs": {"max_gen_toks": 8},
             }
+        elif stage == "quantize":  # the shipped variants and settings, calibrated on the tiny chats as
+            # rendered by the family's template; lm-eval with that template is the eval stage's check above
+            wikitext = {**values["perplexity"][0], "name": None, "max_length": 64, "limit": 8}
+            overrides = {
+                "calibration_datasets": [MESSAGES],
+                "calibration_samples": 8,
+                "calibration_max_length": 64,
+                "perplexity": [{**wikitext, "path": "data/tiny/corpus/validation.jsonl"}],
+                "tasks": [],
+                "batch_size": 8,
+                "generation_tokens": 4,
+            }
         else:
             source = {"sft": MESSAGES, "reward": PAIRS, "dpo": PAIRS, "ppo": PROMPTS}[stage]
             overrides = {**CHAT_STAGE, "datasets": [source], "eval_datasets": [held_out(source)]}
@@ -221,6 +255,16 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
             assert {"eval", "eval_ema"} <= set(record["metrics"])
         if stage == "eval":
             assert set(record["metrics"]) >= {c["name"] for c in values["checkpoints"]}
+        if stage == "quantize":  # every variant made, and GPTQ with the recipe's settings
+            calibration_starts_with_one_bos(record, Path(paths["model_name_or_path"]))
+            out = Path(paths["output_dir"])
+            report = json.loads((out / quantization.REPORT_JSON).read_text())
+            assert list(report["checkpoints"]) == ["original", *(v["name"] for v in values["variants"])]
+            for variant in (v for v in values["variants"] if v["method"] == "gptq"):
+                saved = json.loads((out / variant["name"] / "config.json").read_text())["quantization_config"]
+                assert {k: saved[k] for k in ("bits", "group_size", "desc_act")} == {
+                    k: variant[k] for k in ("bits", "group_size", "desc_act")
+                }
 
     if fam is FIRST_OF_FAMILY[fam.family]:
         assert set(trained) == set(recipes)  # the first size of a family trains every recipe
@@ -229,6 +273,18 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
             bad.update(model_name_or_path=str(base), output_dir=str(tmp_path / "bad"))
             with pytest.raises(PreflightError, match="not in the loss mask"):
                 run_stage("sft", REPO / "recipes" / fam.name / "sft.yaml", {**bad, "eos_token": TOKENS[fam.family]["eos_token"]}, tmp_path)  # fmt: skip
+
+
+def calibration_starts_with_one_bos(record: dict, model: Path) -> None:
+    """GPTQ calibrates on the conversations as the model sees them: a tokenizer that prepends BOS (Llama 3,
+    Gemma, Mistral) must not add it again to a template that writes it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    args = QuantizeArguments(**record["config"]["quantize"])
+    for sample in quantization.calibration_data(args, tokenizer):
+        ids = sample["input_ids"][0].tolist()
+        assert ids[:2] != [tokenizer.bos_token_id] * 2, tokenizer.convert_ids_to_tokens(ids[:3])
 
 
 def test_each_family_size_trains_what_its_first_size_did_not_cover():
@@ -240,7 +296,8 @@ def test_each_family_size_trains_what_its_first_size_did_not_cover():
 def test_every_family_has_its_stage_recipes():
     for fam in FAMILIES:
         files = set(recipe_files(fam))
-        assert {"reward", "dpo", "ppo", "eval"} <= files and any(f.startswith("sft") for f in files), fam.name
+        assert {"reward", "dpo", "ppo", "eval", "quantize", "pipeline"} <= files, fam.name
+        assert any(f.startswith("sft") for f in files), fam.name
         small = fam.name.rsplit("-", 1)[1] in ("135m", "360m", "0.5b", "1b", "1.5b", "1.7b")
         assert small == ({"data", "pretrain"} <= files), fam.name  # continued pretraining up to 1.7B
 
@@ -266,3 +323,77 @@ def test_readme_tables_are_generated_from_the_real_family_configs():
     readme = (REPO / "README.md").read_text()
     assert family_table() in readme
     assert table in readme
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_quantize_group_sizes_fit_the_real_model(fam: Family, tmp_path):
+    """The tiny copies' widths are multiples of 128, so any group size up to 128 runs on them; whether a
+    recipe's GPTQ group size divides the real model's layer widths is checked here, on the family's real
+    config (on the meta device: no weights), by the check scripts/quantize.py runs before quantizing."""
+    from transformers import AutoConfig
+
+    values = dict(fam.config)
+    AutoConfig.for_model(values.pop("model_type"), **values).save_pretrained(tmp_path)
+    recipe = REPO / "recipes" / fam.name / "quantize.yaml"
+    argv = ["--config", str(recipe), "--model_name_or_path", str(tmp_path)]
+    (args,) = parse_recipe("quantize", argv, check_paths=False)
+    widths = quantization.quantized_layer_widths(args)
+    assert {fam.config["hidden_size"], fam.config["intermediate_size"]} <= set(widths.values())
+    assert any(variant.method == "gptq" for variant in args.variants)
+    quantization.check_group_sizes(args, widths)
+    if any(width % 128 for width in widths.values()):  # SmolLM2 135M/360M (576, 960): the check can fail
+        args.variants = [dataclasses.replace(v, group_size=128) for v in args.variants if v.method == "gptq"]
+        with pytest.raises(quantization.QuantizationError, match="does not divide"):
+            quantization.check_group_sizes(args, widths)
+
+
+def num_processes(accelerate_config: str) -> int:
+    config = yaml.safe_load(Path(accelerate_config).read_text())
+    return int(config.get("num_processes", 1)) * int(config.get("num_machines", 1))
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+def test_family_pipeline_chains_the_family_recipes(fam: Family, workdir, monkeypatch):
+    """pipeline.yaml validates (every stage recipe with its overrides, references and keys, as `trellis
+    run` checks it before the first stage) and chains the family's own recipes in order."""
+    monkeypatch.chdir(workdir)
+    pipeline = load_pipeline(str(REPO / "recipes" / fam.name / "pipeline.yaml"))
+    pretrains = "pretrain" in recipe_files(fam)
+    assert pipeline.names == [
+        *(["data", "pretrain"] if pretrains else []),
+        *["sft", "reward", "ppo", "dpo", "eval", "quantize", "publish"],
+    ]
+    reads = {stage.name: set(stage.depends_on) for stage in pipeline.stages}
+    assert reads == {
+        **({"data": set(), "pretrain": {"data"}} if pretrains else {}),
+        "sft": {"pretrain"} if pretrains else set(),
+        "reward": {"sft"},
+        "ppo": {"sft", "reward"},
+        "dpo": {"sft"},
+        "eval": {"sft", "dpo", "ppo"},
+        "quantize": {"sft"},
+        "publish": {"sft", "eval"},
+    }
+    recipes = load_recipes(fam)
+    for stage in pipeline.stages[:-1]:
+        assert Path(stage.recipe).parent == Path("recipes") / fam.name, stage.recipe
+    # The SFT stage writes what the family's later recipes read; eval compares base, SFT, DPO and PPO.
+    assert pipeline.stage("sft").output_dir == recipes["dpo"]["model_name_or_path"]
+    assert pipeline.stage("sft").output_dir == recipes["quantize"]["model_name_or_path"]
+    checkpoints = pipeline.stage("eval").resolved["checkpoints"]
+    assert [c["name"] for c in checkpoints] == ["base", "sft", "dpo", "ppo"]
+    assert checkpoints[0] == recipes["eval"]["checkpoints"][0]  # the Hub base, with its chat template
+    assert pipeline.stage("publish").publish["dry_run"] is True  # nothing is uploaded by default
+
+    # Accelerate configs: quantization runs in one process; SFT fits a 24 GiB GPU by the README memory table.
+    assert num_processes(pipeline.stage("quantize").accelerate_config) == 1
+    sft, row = pipeline.stage("sft"), memory_row(fam)
+    if sft.resolved.get("load_in_4bit"):
+        need = row.qlora
+    elif sft.resolved.get("use_peft"):
+        need = row.lora
+    elif num_processes(sft.accelerate_config) == 1:
+        need = row.full_1gpu
+    else:  # sharded over 8 GPUs; DeepSpeed keeps fp32 master weights and AdamW states: count twice
+        need = row.full_fsdp8 * (2 if "zero" in sft.accelerate_config else 1)
+    assert need <= 24 * HEADROOM, (sft.accelerate_config, need)

@@ -158,11 +158,16 @@ def calibration_data(args: QuantizeArguments, tokenizer) -> list[dict]:
         )
     samples = []
     for record in dataset:
-        if "messages" in record:
+        # A rendered conversation holds its special tokens: the template writes BOS (Llama 3, Gemma,
+        # Mistral), so encoding it must not add a second one, as the model never sees two.
+        rendered = "messages" in record
+        if rendered:
             text = tokenizer.apply_chat_template(record["messages"], tokenize=False)
         else:
             text = record.get("text") or record["prompt"] + record["completion"]
-        ids = tokenizer(text, truncation=True, max_length=args.calibration_max_length)["input_ids"]
+        ids = tokenizer(
+            text, truncation=True, max_length=args.calibration_max_length, add_special_tokens=not rendered
+        )["input_ids"]
         if ids:
             samples.append(
                 {
