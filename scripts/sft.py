@@ -18,7 +18,7 @@ def main() -> None:
 
     from trl import SFTTrainer
 
-    from trellis import chat, data, models
+    from trellis import chat, data, lm_head_loss, models
     from trellis.stage import save_final_model, start_training_run, train_and_evaluate
 
     with start_training_run("sft", script_args, training_args, model_args) as record:
@@ -36,6 +36,7 @@ def main() -> None:
             processing_class=tokenizer,
             peft_config=models.peft_config(model_args),
         )
+        lm_head_loss.compute_small_logits_at_once(trainer, script_args.unchunked_loss_max_mib)
         chat.check_eos_in_loss_mask(trainer)
         train_and_evaluate(trainer, record, script_args.eval_before_training)
         save_final_model(trainer, model_args)

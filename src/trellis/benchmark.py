@@ -30,6 +30,7 @@ SPEED_KEYS = (
     "dataloader_num_workers",
     "attn_implementation",
     "use_logits_to_keep",
+    "unchunked_loss_max_mib",
 )
 # SFT's loss_type picks between two implementations of the same loss (elsewhere it changes the loss).
 SAME_LOSS_TYPES = {"nll", "chunked_nll"}

@@ -151,10 +151,25 @@ class ModelArguments(ModelConfig):
     )
 
 
+@dataclass
+class SFTScriptArguments(ScriptArguments):
+    """SFT's data plus how its loss computes the LM head (trellis.lm_head_loss)."""
+
+    unchunked_loss_max_mib: float = field(
+        default=0.0,
+        metadata={
+            "help": "With loss_type chunked_nll (TRL's default): compute the logits of a batch's loss tokens in "
+            "one piece, not recomputed in the backward pass, when they take at most this many MiB in float32; "
+            "larger batches still go through TRL's 256-token chunks. Same loss; faster where vocabularies or "
+            "completions are small. 0: always chunk, as TRL does."
+        },
+    )
+
+
 def _sft_types() -> tuple[type, ...]:
     from trl import SFTConfig
 
-    return ScriptArguments, SFTConfig, ModelArguments
+    return SFTScriptArguments, SFTConfig, ModelArguments
 
 
 def _data_types() -> tuple[type, ...]:

@@ -1,0 +1,98 @@
+"""SFT's loss with the loss tokens' logits computed at once equals TRL's chunked loss, metrics and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from trellis.config import ModelArguments
+from trellis.lm_head_loss import compute_small_logits_at_once
+from trellis.models import load_model
+
+
+def _probe_batch() -> dict:
+    """Four conversations of different lengths (padded), the loss on their completions only."""
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for prompt, completion in ((9, 130), (14, 3), (5, 121), (20, 42)):
+        ids = torch.randint(3, 200, (prompt + completion,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+
+
+def _trainers(workdir):
+    """Two SFT trainers on copies of one tiny model: TRL's chunked loss, and the at-once variant."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "data" / "tiny" / "tokenizer")
+    args = SFTConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
+    torch.manual_seed(0)
+    model_args = ModelArguments(
+        model_config={"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2}
+    )
+    model = load_model(model_args, tokenizer, args)
+    unused = Dataset.from_dict({"input_ids": [[1, 2, 3]]})
+    chunked, at_once = (
+        SFTTrainer(model=copy.deepcopy(model), args=args, train_dataset=unused, processing_class=tokenizer)
+        for _ in range(2)
+    )
+    return chunked, at_once
+
+
+def _loss_and_gradients(trainer, batch, num_items_in_batch=None):
+    model = trainer.model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items_in_batch)
+    loss.backward()
+    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items() if values}
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}, metrics
+
+
+def _head_calls(trainer) -> list:
+    """Calls of the LM head module: the at-once path runs it, TRL's chunks use its weight directly."""
+    calls = []
+    trainer.model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_loss_tokens_logits_at_once_give_trls_loss_metrics_and_gradients(workdir):
+    chunked, at_once = _trainers(workdir)
+    compute_small_logits_at_once(at_once, max_mib=64)
+    calls = _head_calls(at_once)
+    batch = _probe_batch()
+    num_loss_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    assert num_loss_tokens > 256  # TRL's chunks: more than one
+
+    for num_items_in_batch in (
+        None,
+        torch.tensor(2 * num_loss_tokens),
+    ):  # alone; half of an accumulated batch
+        expected_loss, expected_grads, expected_metrics = _loss_and_gradients(
+            chunked, batch, num_items_in_batch
+        )
+        loss, grads, metrics = _loss_and_gradients(at_once, batch, num_items_in_batch)
+        assert loss == pytest.approx(expected_loss, rel=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert metrics.keys() == expected_metrics.keys() >= {"entropy", "mean_token_accuracy"}
+        for name, value in metrics.items():
+            assert value == pytest.approx(expected_metrics[name], rel=1e-5), name
+    assert len(calls) == 2
+
+
+def test_logits_over_the_budget_go_through_trls_chunks(workdir):
+    chunked, at_once = _trainers(workdir)
+    vocab = at_once.model.get_output_embeddings().weight.shape[0]
+    batch = _probe_batch()
+    num_loss_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    compute_small_logits_at_once(at_once, max_mib=(num_loss_tokens - 1) * vocab * 4 / 2**20)
+    calls = _head_calls(at_once)
+
+    loss, _, _ = _loss_and_gradients(at_once, batch)
+    assert calls == []
+    assert loss == pytest.approx(_loss_and_gradients(chunked, batch)[0], rel=1e-6)
