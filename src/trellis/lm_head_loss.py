@@ -66,15 +66,15 @@ def compute_small_logits_at_once(trainer, max_mib: float) -> None:
         hidden = self.base_model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
         ).last_hidden_state
-        logits = lm_head(hidden[..., :-1, :][valid]).float()
+        log_probs = lm_head(hidden[..., :-1, :][valid]).float().log_softmax(dim=-1)
         targets = targets[valid]
         # Divided by the loss tokens of the whole accumulated batch when the Trainer passes their count, as TRL does.
         denominator = num_valid if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-        loss = F.cross_entropy(logits, targets, reduction="sum") / denominator.to(logits.device)
+        loss = F.nll_loss(log_probs, targets, reduction="sum") / denominator.to(log_probs.device)
         with torch.no_grad():  # the metrics TRL logs for chunked_nll
-            log_probs = logits.log_softmax(dim=-1)
+            log_probs = log_probs.detach()
             entropy_sum = -(log_probs.exp() * log_probs).sum()
-            correct = (logits.argmax(dim=-1) == targets).sum().float()
+            correct = (log_probs.argmax(dim=-1) == targets).sum().float()
         return _ChunkedCELMHeadOutput(
             loss=loss,
             logits=None,
