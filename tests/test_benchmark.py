@@ -95,21 +95,26 @@ def test_loss_at_equal_tokens_uses_the_tokens_both_runs_saw():
 
 
 def test_baseline_resets_only_the_speed_keys_the_recipe_changed():
-    from trl import SFTConfig
-
-    from trellis.config import ModelArguments, ScriptArguments
+    from trellis.config import stage_types
 
     recipe = {
         "packing": True,
         "activation_checkpointing": False,
         "loss_type": "nll",
+        "unchunked_loss_max_mib": 64,
         "learning_rate": 1e-3,
         "optim": "adamw_torch_fused",
         "attn_implementation": "sdpa",
     }
-    changed = benchmark.baseline_overrides((ScriptArguments, SFTConfig, ModelArguments), recipe)
-    # TRL's SFT default: activation checkpointing on (its gradient_checkpointing alias), chunked NLL.
-    assert changed == {"packing": False, "activation_checkpointing": True, "loss_type": "chunked_nll"}
+    changed = benchmark.baseline_overrides(stage_types("sft"), recipe)
+    # TRL's SFT default: activation checkpointing on (its gradient_checkpointing alias), chunked NLL
+    # in 256-token chunks.
+    assert changed == {
+        "packing": False,
+        "activation_checkpointing": True,
+        "loss_type": "chunked_nll",
+        "unchunked_loss_max_mib": 0.0,
+    }
 
 
 def test_a_loss_type_that_changes_the_loss_is_no_speed_setting():
