@@ -268,7 +268,8 @@ def test_report_shows_each_stage_and_rebuilds(workdir, short_run, monkeypatch):
     assert "| tiny_corpus.perplexity |" in report  # the evaluation table across checkpoints
     page = (out / "report.html").read_text()
     assert (
-        "<table>" in page and '<img alt="pretrain loss curves" src="report_plots/pretrain_loss.png">' in page
+        "<table>" in page
+        and '<img alt="pretrain training curves" src="report_plots/pretrain_loss.png">' in page
     )
 
 

@@ -3,7 +3,7 @@
 Built from the records alone (`pipeline_run.json` and each stage's `trellis_run.json`, trainer
 states, the evaluation and quantization outputs), so `trellis report DIR` rebuilds it any time. Per
 stage: the metric it targets before and after (and whether it improved), its other held-out metrics,
-the time it took and its loss curves; then the evaluation table across checkpoints and the
+the time it took and its training curves; then the evaluation table across checkpoints and the
 quantization quality-vs-size plot when those stages ran.
 """
 
@@ -45,7 +45,8 @@ def higher_is_better(metric: str) -> bool | None:
 
 
 def trainer_log_history(output_dir: str) -> list[dict]:
-    """The Trainer's log history: from output_dir/trainer_state.json, else the newest checkpoint's."""
+    """The Trainer's log history: from output_dir/trainer_state.json, else the newest checkpoint's, else
+    the run record's (online RL stages record theirs there)."""
     from trellis.stage import checkpoints_by_step
 
     candidates = [os.path.join(output_dir, "trainer_state.json")]
@@ -53,16 +54,29 @@ def trainer_log_history(output_dir: str) -> list[dict]:
     for path in candidates:
         if os.path.isfile(path):
             return json.loads(Path(path).read_text()).get("log_history", [])
-    return []
+    return (read_record(output_dir) or {}).get("log_history", [])
 
 
-def plot_losses(history: list[dict], title: str, path: Path) -> bool:
-    """Training loss (and held-out loss) against the step; False if there is nothing to plot."""
+# Logged training rewards of the online RL trainers: PPO's score minus its KL penalty; GRPO's and RLOO's mean.
+TRAINING_REWARD_KEYS = ("objective/rlhf_reward", "reward")
+
+
+def plot_training_curves(history: list[dict], title: str, path: Path) -> bool:
+    """Training loss (and held-out loss) against the step, or for online RL without a loss the training
+    reward; False if there is nothing to plot."""
     curves = {
         "train loss": [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h],
         "held-out loss": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h],
     }
     curves = {name: points for name, points in curves.items() if points}
+    y_label = "loss"
+    if not curves:
+        y_label = "reward"
+        curves = {
+            f"training reward ({key})": points
+            for key in TRAINING_REWARD_KEYS
+            if (points := [(h["step"], h[key]) for h in history if key in h and "step" in h])
+        }
     if not curves:
         return False
     import matplotlib
@@ -80,7 +94,7 @@ def plot_losses(history: list[dict], title: str, path: Path) -> bool:
             label=name,
         )
     axis.set_xlabel("step")
-    axis.set_ylabel("loss")
+    axis.set_ylabel(y_label)
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -173,8 +187,9 @@ def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
         section.append("")
         if rows:
             section += [_table(["held-out metric", "before", "after", "change"], rows), ""]
-        if plot_losses(trainer_log_history(entry["output_dir"]), f"{name}: loss", plots / f"{name}_loss.png"):
-            section += [f"![{name} loss curves]({PLOTS}/{name}_loss.png)", ""]
+        history = trainer_log_history(entry["output_dir"])
+        if plot_training_curves(history, f"{name}: training", plots / f"{name}_loss.png"):
+            section += [f"![{name} training curves]({PLOTS}/{name}_loss.png)", ""]
         section += _stage_extras(kind, entry["output_dir"], plots, name)
         sections.append("\n".join(section))
     lines += [
