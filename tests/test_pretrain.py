@@ -203,6 +203,20 @@ def test_checkpoint_averaging_is_the_weighted_mean(tmp_path):
     assert (tmp_path / "weighted" / "config.json").exists()
 
 
+def test_averaging_keeps_the_weight_names_the_model_directory_stores(tmp_path):
+    # As after FSDP: the checkpoint holds a tied head under its own name too; the final model, written
+    # in shards with an index, stores it once.
+    checkpoint, final = tmp_path / "checkpoint-1", tmp_path / "final"
+    checkpoint.mkdir(), final.mkdir()
+    save_file({"embed": torch.ones(2), "head": torch.ones(2)}, str(checkpoint / "model.safetensors"))
+    (final / "config.json").write_text("{}")
+    (final / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"embed": "model-00001-of-00001.safetensors"}}'
+    )
+    averaged = average_checkpoints([str(checkpoint)], str(tmp_path / "averaged"), model_files_from=str(final))
+    assert set(load_file(f"{averaged}/model.safetensors")) == {"embed"}
+
+
 def test_memory_estimate_arithmetic():
     kw = dict(
         params=1_000_000,

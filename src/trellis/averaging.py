@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -59,6 +61,19 @@ def checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
+def stored_weight_names(model_dir: str) -> set[str]:
+    """The tensor names of a model directory's safetensors weights (one file or an index of shards)."""
+    index = os.path.join(model_dir, WEIGHTS + ".index.json")
+    if os.path.isfile(index):
+        return set(json.loads(Path(index).read_text())["weight_map"])
+    if not os.path.isfile(os.path.join(model_dir, WEIGHTS)):
+        return set()
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model_dir, WEIGHTS), framework="pt") as weights:
+        return set(weights.keys())
+
+
 def average_checkpoints(
     checkpoints: list[str],
     output_dir: str,
@@ -87,11 +102,6 @@ def average_checkpoints(
             )  # float64 sum: no rounding drift over many checkpoints
             average[name] = average[name] + scaled if name in average else scaled
     os.makedirs(output_dir, exist_ok=True)
-    save_file(
-        {name: t.to(dtypes[name]).contiguous() for name, t in average.items()},
-        os.path.join(output_dir, WEIGHTS),
-        metadata={"format": "pt"},
-    )
     # Sharded FSDP checkpoints hold no config or tokenizer: those of the run's final model then.
     for source in (checkpoints[-1], model_files_from):
         if source and os.path.exists(os.path.join(source, "config.json")):
@@ -101,5 +111,15 @@ def average_checkpoints(
             break
     else:
         raise TrellisError(f"{checkpoints[-1]} has no config.json; name a model directory to take it from")
+    # A sharded FSDP checkpoint also holds a tied LM head under its own name; the model directory the
+    # config came from stores the weights as from_pretrained expects them (a tied head once).
+    stored = stored_weight_names(source)
+    if stored:
+        average = {name: tensor for name, tensor in average.items() if name in stored}
+    save_file(
+        {name: t.to(dtypes[name]).contiguous() for name, t in average.items()},
+        os.path.join(output_dir, WEIGHTS),
+        metadata={"format": "pt"},
+    )
     logger.info("Averaged %d checkpoints into %s", len(checkpoints), output_dir)
     return output_dir

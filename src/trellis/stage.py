@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from transformers import TrainerCallback
 
 from trellis import throughput
-from trellis.models import merge_adapters
+from trellis.models import merge_adapters, tied_parameter_sources
 from trellis.run_record import RunRecord
 
 logger = logging.getLogger("trellis")
@@ -161,8 +161,7 @@ def save_model_directory(trainer, output_dir: str, final: bool = False) -> None:
         state_dict = trainer.accelerator.get_state_dict(
             trainer.model
         )  # collective; empty off the main process
-        # Cloned: safetensors cannot write the gathered tensors' storages as they come ("invalid python storage").
-        trainer._save(output_dir, state_dict={name: t.clone() for name, t in state_dict.items()})
+        trainer._save(output_dir, state_dict=_cloned_keeping_ties(state_dict, trainer.model))
         if final and trainer.args.push_to_hub:
             trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
     else:
@@ -172,6 +171,14 @@ def save_model_directory(trainer, output_dir: str, final: bool = False) -> None:
         pickled_args = os.path.join(output_dir, "training_args.bin")
         if os.path.exists(pickled_args):
             os.remove(pickled_args)
+
+
+def _cloned_keeping_ties(state_dict: dict, model) -> dict:
+    """The gathered weights, cloned (safetensors cannot write their storages as they come: "invalid python
+    storage"), tied parameters sharing one clone so that save_pretrained writes them once, as without FSDP."""
+    tied = tied_parameter_sources(model)
+    clones = {name: tensor.clone() for name, tensor in state_dict.items() if name not in tied}
+    return {**clones, **{name: clones[source] for name, source in tied.items() if source in clones}}
 
 
 def save_final_model(trainer, model_args, model_class=None, **config_overrides) -> None:
