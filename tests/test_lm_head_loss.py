@@ -15,14 +15,15 @@ from trellis.lm_head_loss import compute_small_logits_at_once
 from trellis.models import load_model
 
 
-def _probe_batch() -> dict:
-    """Four conversations of different lengths (padded), the loss on their completions only."""
+def _probe_batch(padding_free: bool = False) -> dict:
+    """Four conversations of different lengths (padded, or packed into one row), the loss on their
+    completions only."""
     generator = torch.Generator().manual_seed(0)
     examples = []
     for prompt, completion in ((9, 130), (14, 3), (5, 121), (20, 42)):
         ids = torch.randint(3, 200, (prompt + completion,), generator=generator).tolist()
         examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    return DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)(examples)
 
 
 def _trainers(workdir):
@@ -60,11 +61,12 @@ def _head_calls(trainer) -> list:
     return calls
 
 
-def test_loss_tokens_logits_at_once_give_trls_loss_metrics_and_gradients(workdir):
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_loss_tokens_logits_at_once_give_trls_loss_metrics_and_gradients(workdir, padding_free):
     chunked, at_once = _trainers(workdir)
     compute_small_logits_at_once(at_once, max_mib=64)
     calls = _head_calls(at_once)
-    batch = _probe_batch()
+    batch = _probe_batch(padding_free)
     num_loss_tokens = int((batch["labels"][:, 1:] != -100).sum())
     assert num_loss_tokens > 256  # TRL's chunks: more than one
 
