@@ -68,7 +68,8 @@ def baseline_overrides(stage_types: tuple[type, ...], recipe: dict) -> dict[str,
             for name in names:
                 value = getattr(instance, name)
                 defaults[name] = value.value if isinstance(value, enum.Enum) else value  # e.g. OptimizerNames
-    return {key: value for key, value in defaults.items() if value is not None and recipe[key] != value}
+    changed = {key: value for key, value in defaults.items() if value is not None and recipe[key] != value}
+    return {key: changed[key] for key in sorted(changed, key=list(recipe).index)}  # in the recipe's order
 
 
 def _field_names(cls: type) -> set[str]:
