@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from trellis.errors import TrellisError
-from trellis.stage import checkpoints_by_step
+from trellis.run_record import checkpoints_by_step
 
 logger = logging.getLogger(__name__)
 

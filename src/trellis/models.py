@@ -140,15 +140,6 @@ def load_model(
     )
 
 
-def tied_parameter_sources(model) -> dict[str, str]:
-    """Each parameter name that is another parameter (a tied LM head is the input embedding) -> that one's name."""
-    first_name: dict[int, str] = {}
-    sources = {
-        name: first_name.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)
-    }
-    return {name: source for name, source in sources.items() if name != source}
-
-
 def peft_config(model_args):
     from trl import get_peft_config
 

@@ -16,9 +16,9 @@ import re
 import shutil
 from pathlib import Path
 
-from trellis.comparison import RESULTS_JSON, markdown
+from trellis.comparison import RESULTS_JSON, _file_name, markdown
 from trellis.errors import TrellisError
-from trellis.run_record import read_record
+from trellis.run_record import checkpoints_by_step, read_record
 
 REPORT_MARKDOWN, REPORT_HTML, PLOTS = "report.md", "report.html", "report_plots"
 # The held-out metric each stage kind is there to move, and whether higher is better.
@@ -45,16 +45,17 @@ def higher_is_better(metric: str) -> bool | None:
 
 
 def trainer_log_history(output_dir: str) -> list[dict]:
-    """The Trainer's log history: from output_dir/trainer_state.json, else the newest checkpoint's, else
-    the run record's (online RL stages record theirs there)."""
-    from trellis.stage import checkpoints_by_step
-
+    """The training log history: the run record's (online RL stages record their whole run there), else
+    output_dir/trainer_state.json, else the newest checkpoint's."""
+    recorded = (read_record(output_dir) or {}).get("log_history")
+    if recorded:
+        return recorded
     candidates = [os.path.join(output_dir, "trainer_state.json")]
     candidates += [os.path.join(c, "trainer_state.json") for c in reversed(checkpoints_by_step(output_dir))]
     for path in candidates:
         if os.path.isfile(path):
             return json.loads(Path(path).read_text()).get("log_history", [])
-    return (read_record(output_dir) or {}).get("log_history", [])
+    return []
 
 
 # Logged training rewards of the online RL trainers: PPO's score minus its KL penalty; GRPO's and RLOO's mean.
@@ -144,6 +145,7 @@ def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
     state = json.loads(state_path.read_text())
     plots = Path(pipeline_dir) / PLOTS
     shutil.rmtree(plots, ignore_errors=True)
+    plots.mkdir(parents=True)
     commit = (state.get("git") or {}).get("commit", "unknown")
     lines = [
         f"# Pipeline report: {state.get('name', '')}",
@@ -209,7 +211,7 @@ def _stage_extras(kind: str, output_dir: str, plots: Path, name: str) -> list[st
         result = json.loads((out / RESULTS_JSON).read_text())
         extras += ["Evaluation across checkpoints:", "", markdown(result)]
         for metric in result["metrics"]:
-            image = out / "plots" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", metric) + ".png")
+            image = out / "plots" / _file_name(metric)
             if image.exists():
                 shutil.copy(image, plots / f"{name}_{image.name}")
                 extras.append(f"![{metric}]({PLOTS}/{name}_{image.name})")
@@ -219,7 +221,6 @@ def _stage_extras(kind: str, output_dir: str, plots: Path, name: str) -> list[st
         if report.exists():
             extras += [report.read_text(), ""]
         if plot.exists():
-            plots.mkdir(parents=True, exist_ok=True)
             shutil.copy(plot, plots / f"{name}_{plot.name}")
             extras += [f"![quality vs size]({PLOTS}/{name}_{plot.name})", ""]
     return extras

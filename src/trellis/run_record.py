@@ -103,6 +103,25 @@ def config_dict(obj: Any) -> dict:
     return json.loads(json.dumps(values, default=str))
 
 
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints_by_step(output_dir: str) -> list[str]:
+    """The fully written checkpoint-N directories in output_dir, oldest first.
+
+    The Trainer writes trainer_state.json last, so a checkpoint without it was cut off mid-save
+    (e.g. the process was killed) and is skipped.
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    steps = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
+            steps.append(int(match.group(1)))
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in sorted(steps)]
+
+
 def read_record(output_dir: str) -> dict | None:
     path = Path(output_dir) / RECORD_NAME
     return json.loads(path.read_text()) if path.exists() else None

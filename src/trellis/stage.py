@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,12 +11,10 @@ from contextlib import contextmanager
 from transformers import TrainerCallback
 
 from trellis import throughput
-from trellis.models import merge_adapters, tied_parameter_sources
-from trellis.run_record import RunRecord
+from trellis.models import merge_adapters
+from trellis.run_record import RunRecord, checkpoints_by_step
 
 logger = logging.getLogger("trellis")
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def setup_logging(training_args=None) -> None:
@@ -58,28 +55,14 @@ def start_training_run(stage: str, script_args, training_args, model_args) -> It
         # comes before it reads output_dir, and it would write to ./runs. Name the directory up front.
         os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(training_args.output_dir, "runs")
     configs = {"script": script_args, "model": model_args, "training": training_args}
-    with RunRecord(stage, training_args.output_dir, configs, training_args.process_index == 0) as record:
-        yield record
-    import torch.distributed
+    try:
+        with RunRecord(stage, training_args.output_dir, configs, training_args.process_index == 0) as record:
+            yield record
+    finally:
+        import torch.distributed
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def checkpoints_by_step(output_dir: str) -> list[str]:
-    """The fully written checkpoint-N directories in output_dir, oldest first.
-
-    The Trainer writes trainer_state.json last, so a checkpoint without it was cut off mid-save
-    (e.g. the process was killed) and is skipped.
-    """
-    if not os.path.isdir(output_dir):
-        return []
-    steps = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
-            steps.append(int(match.group(1)))
-    return [os.path.join(output_dir, f"checkpoint-{step}") for step in sorted(steps)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def resume_checkpoint(training_args) -> str | None:
@@ -176,9 +159,12 @@ def save_model_directory(trainer, output_dir: str, final: bool = False) -> None:
 def _cloned_keeping_ties(state_dict: dict, model) -> dict:
     """The gathered weights, cloned (safetensors cannot write their storages as they come: "invalid python
     storage"), tied parameters sharing one clone so that save_pretrained writes them once, as without FSDP."""
-    tied = tied_parameter_sources(model)
-    clones = {name: tensor.clone() for name, tensor in state_dict.items() if name not in tied}
-    return {**clones, **{name: clones[source] for name, source in tied.items() if source in clones}}
+    first_name: dict[int, str] = {}  # a tied LM head is the input embedding's parameter under a second name
+    source = {
+        name: first_name.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)
+    }
+    clones = {name: tensor.clone() for name, tensor in state_dict.items() if source.get(name, name) == name}
+    return {name: clones[source.get(name, name)] for name in state_dict if source.get(name, name) in clones}
 
 
 def save_final_model(trainer, model_args, model_class=None, **config_overrides) -> None:
