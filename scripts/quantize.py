@@ -30,7 +30,8 @@ def main() -> None:
         )
     setup_logging()
     quantization.check_input(args)
-    quantization.check_group_sizes(args, quantization.quantized_layer_widths(args))
+    if any(variant.method == "gptq" for variant in args.variants):
+        quantization.check_group_sizes(args, quantization.quantized_layer_widths(args))
     eval_args = args.eval_arguments(quantization.checkpoints(args))
     manager = evaluation.task_manager(eval_args) if args.tasks else None
     if manager is not None:

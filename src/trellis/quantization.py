@@ -275,8 +275,11 @@ def weights_size(path: str) -> int:
     if not directory.is_dir():
         from huggingface_hub import snapshot_download
 
-        directory = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.bin"]))
-    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+        directory = Path(snapshot_download(path, allow_patterns=["*.safetensors"]))
+    files = [f for f in directory.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+    # A repository that ships both formats holds the weights twice: count the safetensors copy.
+    safetensors = [f for f in files if f.suffix == ".safetensors"]
+    return sum(f.stat().st_size for f in safetensors or files)
 
 
 def _rss_kib(field_name: str) -> int:
@@ -303,7 +306,10 @@ def peak_load_memory(load):
     # Hand memory freed by earlier loads back to the system (glibc), so that this load shows in the peak.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak resident set size
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak resident set size
+    except OSError:  # a kernel or sandbox without it: no peak to read
+        return load(), None
     before = _rss_kib("VmRSS")
     model = load()
     return model, (_rss_kib("VmHWM") - before) * 1024
@@ -329,8 +335,8 @@ def generation_speed(model, tokenizer, new_tokens: int) -> float:
 
 
 def measure_resources(args: QuantizeArguments, checkpoint: Checkpoint, tokenizer) -> dict:
-    """Size on disk, peak memory to load and generation speed of one checkpoint. The model is loaded
-    twice and the second load measured, so one-time imports of the method's library do not count."""
+    """Size on disk, peak memory to load and generation speed of one checkpoint. Call it after the
+    checkpoint's evaluation, whose load did the one-time imports of the method's library."""
     import gc
 
     from transformers import AutoModelForCausalLM
@@ -345,7 +351,6 @@ def measure_resources(args: QuantizeArguments, checkpoint: Checkpoint, tokenizer
             trust_remote_code=args.trust_remote_code,
         )
 
-    load()  # warm-up; freed at once
     gc.collect()
     model, peak = peak_load_memory(load)
     speed = generation_speed(model, tokenizer, args.generation_tokens)
@@ -372,8 +377,8 @@ def measure(args: QuantizeArguments, checkpoint: Checkpoint, tokenizer, manager)
         logger.info("%r already measured with these settings", checkpoint.name)
         return cached
     logger.info("Measuring %r (%s)", checkpoint.name, checkpoint.path)
-    result = {"resources": measure_resources(args, checkpoint, tokenizer)}
-    result.update(evaluation.evaluate_checkpoint(eval_args, checkpoint, manager))
+    scores = evaluation.evaluate_checkpoint(eval_args, checkpoint, manager)
+    result = {"resources": measure_resources(args, checkpoint, tokenizer), **scores}
     evaluation.save_metrics(args.output_dir, checkpoint, key, result)
     return result
 
