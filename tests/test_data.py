@@ -228,6 +228,19 @@ def test_kto_reads_pairs_unpaired_and_unpaired_examples_as_they_are():
     )
     assert sorted(hh.column_names) == ["completion", "label", "prompt"] and hh["label"] == [True, False]
     assert convert(unpaired, "auto", "kto", task="unpaired")["label"] == unpaired["label"]
+    # Pairs with an implicit prompt (two whole dialogues): the shared turns become the prompt.
+    dialogue = [{"role": "user", "content": "hi"}]
+    implicit = datasets.Dataset.from_list(
+        [
+            {
+                "chosen": [*dialogue, {"role": "assistant", "content": "hello"}],
+                "rejected": [*dialogue, {"role": "assistant", "content": "go away"}],
+            }
+        ]
+    )
+    examples = convert(implicit, "auto", "pairs", task="unpaired")
+    assert examples["prompt"] == [dialogue, dialogue]
+    assert [row[0]["content"] for row in examples["completion"]] == ["hello", "go away"]
     with pytest.raises(
         DataError,
         match="trains on unpaired examples .* or preference pairs; set `format` to one of: unpaired, preference, hh",

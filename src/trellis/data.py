@@ -128,9 +128,12 @@ def hh_to_preference(example: dict) -> dict:
 
 
 def unpair_preferences(pairs):
-    """Preference pairs -> KTO's unpaired examples: each chosen answer labelled True, each rejected False."""
-    from trl.data_utils import unpair_preference_dataset
+    """Preference pairs -> KTO's unpaired examples: each chosen answer labelled True, each rejected False.
+    Pairs with an implicit prompt (whole dialogues) get it split off first, or each completion would be
+    the whole dialogue."""
+    from trl.data_utils import maybe_extract_prompt, unpair_preference_dataset
 
+    pairs = pairs.map(maybe_extract_prompt, desc="Extracting the shared prompt")
     return unpair_preference_dataset(pairs, desc="Unpairing preference pairs")
 
 
