@@ -198,7 +198,9 @@ def train_with_mean_reward(
     result = trainer.train(resume_from_checkpoint=checkpoint)
     logged = [entry for entry in trainer.state.log_history if "train_runtime" not in entry]
     record.set_metrics("train", {**(logged[-1] if logged else {}), **(result.metrics if result else {})})
-    record.data["log_history"] = logged  # the training curves (PPO keeps no trainer_state.json)
+    record.data["log_history"] = (
+        logged  # the whole run's curves: the Trainer saves its state only in checkpoints
+    )
     record.set_metrics("time_split", time_split.summary())
     if held_out is not None:
         record.set_metrics("eval", measure())

@@ -16,6 +16,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
 
@@ -47,7 +48,7 @@ def compute_small_logits_at_once(trainer, max_mib: float) -> None:
         at_once = (
             labels is not None
             and kwargs.get("shift_labels") is None  # context/sequence parallelism: TRL's path
-            and not isinstance(lm_head.weight, torch.distributed.tensor.DTensor)
+            and not isinstance(lm_head.weight, DTensor)
         )
         if at_once:
             targets = labels[..., 1:]
