@@ -181,6 +181,23 @@ def test_rerun_keeps_complete_variants_and_publishes_each(workdir, quantized, mo
     monkeypatch.chdir(workdir)  # the recipe's data paths are relative to it
     (args,) = parse_recipe("quantize", ["--config", str(recipe)])
     assert all(quantization.is_complete(args, variant) for variant in args.variants)
+    # Run again: every variant is kept as it is and every checkpoint's measurement is reused.
+    # (each variant's model card, README.md, is rewritten from the report: the weights and config are not)
+    variant_files = [
+        path
+        for variant in args.variants
+        for path in (out / variant.name).iterdir()
+        if path.name != "README.md"
+    ]
+    written = [path.stat().st_mtime_ns for path in variant_files]
+    rerun = run_script(["quantize.py", "--config", str(recipe)], cwd=workdir)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log[-3000:]
+    for variant in args.variants:
+        assert f"Variant {variant.name!r} is complete with these settings; kept" in log
+    assert log.count("already measured with these settings") == 1 + len(args.variants), log[-3000:]
+    changed_files = [p.name for p, t in zip(variant_files, written, strict=True) if p.stat().st_mtime_ns != t]
+    assert changed_files == [], changed_files
     (changed,) = parse_recipe("quantize", ["--config", str(recipe), "--calibration_samples", "8"])
     assert [quantization.is_complete(changed, v) for v in changed.variants] == [
         v.method != "gptq" for v in changed.variants
