@@ -21,6 +21,22 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--seed",
+        type=int,
+        default=int(os.environ.get("TRELLIS_TEST_SEED", "0")),
+        help="training seed of the learning tests (default: $TRELLIS_TEST_SEED or 0); "
+        "their bounds hold for seeds 0-4 with 1 or 2 torch threads",
+    )
+
+
+@pytest.fixture(scope="session")
+def seed(request) -> int:
+    """The seed every test that trains passes to its stage (`pytest --seed 3`)."""
+    return request.config.getoption("--seed")
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     """A directory laid out like a user's checkout: recipes/ and accelerate_configs/ plus generated data/tiny."""
@@ -83,19 +99,31 @@ def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300) -
 
 
 @pytest.fixture(scope="session")
-def sft_model(workdir, tmp_path_factory) -> Path:
+def sft_model(workdir, seed, tmp_path_factory) -> Path:
     """The tiny SFT model, the starting point of every alignment stage: recipes/tiny/sft.yaml cut to half its
     steps, which already teaches the answer form (held-out facts are beyond an SFT model from scratch)."""
     out = tmp_path_factory.mktemp("sft") / "model"
-    run_stage(workdir, "sft", out, "--max_steps", "150", "--eval_steps", "150", "--save_steps", "150")
+    run_stage(
+        workdir,
+        "sft",
+        out,
+        "--max_steps",
+        "150",
+        "--eval_steps",
+        "150",
+        "--save_steps",
+        "150",
+        "--seed",
+        str(seed),
+    )
     return out
 
 
 @pytest.fixture(scope="session")
-def reward_model(workdir, sft_model, tmp_path_factory) -> Path:
+def reward_model(workdir, sft_model, seed, tmp_path_factory) -> Path:
     """The tiny reward model, trained from the tiny SFT model by recipes/tiny/reward.yaml."""
     out = tmp_path_factory.mktemp("reward") / "model"
-    run_stage(workdir, "reward", out, "--model_name_or_path", str(sft_model))
+    run_stage(workdir, "reward", out, "--model_name_or_path", str(sft_model), "--seed", str(seed))
     return out
 
 
