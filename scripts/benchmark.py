@@ -24,14 +24,17 @@ import time
 from trellis.errors import exit_on_error
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-STAGE_SCRIPTS = {"pretrain": "pretrain.py", "sft": "sft.py", "reward": "reward.py", "dpo": "dpo.py"}
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="a pretrain, sft, reward or dpo recipe")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="a recipe of a stage that records tokens/s: pretrain, sft, reward, dpo, ...",
+    )
     parser.add_argument("--stage", help="the recipe's stage (default: from its file name)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant, alternating")
@@ -52,11 +55,13 @@ def main() -> None:
 
     from trellis import benchmark
     from trellis.config import load_recipe_file, stage_of_recipe, stage_types
+    from trellis.stages import STAGES, stage_flag
     from trellis.throughput import WARMUP_STEPS
 
     stage = args.stage or stage_of_recipe(args.config)
-    if stage not in STAGE_SCRIPTS:
-        raise SystemExit(f"error: {args.config}: benchmarks cover {', '.join(STAGE_SCRIPTS)}, not {stage!r}")
+    timed = [name for name, kind in STAGES.items() if kind.measures_throughput]
+    if stage not in timed:
+        raise SystemExit(f"error: {args.config}: benchmarks cover {', '.join(timed)}, not {stage!r}")
     recipe, _ = load_recipe_file(args.config)
     if args.synthetic_data:
         vocab, block, blocks = (int(part) for part in args.synthetic_data.split(","))
@@ -79,8 +84,8 @@ def main() -> None:
             output_dir = os.path.join(args.work_dir, f"{stage}-{name}-{repeat}")
             command = [
                 *shlex.split(args.launcher),
-                os.path.join(SCRIPTS, STAGE_SCRIPTS[stage]),
-                *("--config", args.config, "--output_dir", output_dir),
+                os.path.join(SCRIPTS, STAGES[stage].script),
+                *("--config", args.config, "--output_dir", output_dir, *stage_flag(stage)),
                 *fixed,
                 *overrides,
                 *variant_args,

@@ -7,11 +7,15 @@ The policy and, unless LoRA is on (then the base without adapters is the referen
 `model_name_or_path` (usually the SFT output). `loss_type` and `beta` come from the recipe. The
 held-out log-probabilities of chosen and rejected answers (`eval_logps/chosen`,
 `eval_logps/rejected`) and the implicit-reward accuracy and margin are recorded before and after
-training in trellis_run.json. scripts/kto.py and scripts/orpo.py run this flow with TRL's KTOTrainer
-and ORPOTrainer.
+training in trellis_run.json.
+
+KTO and ORPO run this same flow with TRL's KTOTrainer and ORPOTrainer: the stage kind is `--stage kto`
+(or `orpo`), or the one the recipe's file name starts with (recipes/tiny/kto.yaml):
+
+    accelerate launch scripts/dpo.py --config recipes/tiny/kto.yaml
 """
 
-from trellis.config import parse_recipe
+from trellis.config import parse_recipe, stage_from_command_line
 from trellis.errors import exit_on_error
 
 
@@ -26,7 +30,8 @@ def _trainer_class(stage: str):
     return trainer_class
 
 
-def main(stage: str = "dpo") -> None:
+def main() -> None:
+    stage = stage_from_command_line("dpo")
     script_args, training_args, model_args = parse_recipe(stage)
     trainer_class = _trainer_class(stage)
 

@@ -9,14 +9,19 @@ weights load like PPO's (score head, same tokenizer as the policy). TRL logs the
 the sampled replies (`reward`) and, with `beta` > 0, the KL to the reference. The mean reward of
 greedy replies to the held-out prompts is recorded before and after training in trellis_run.json
 (`initial.mean_reward`, `eval.mean_reward`), measured exactly as for PPO and RLOO so runs compare.
-scripts/rloo.py runs this same flow with TRL's RLOOTrainer.
+
+RLOO (REINFORCE leave-one-out: each reply's baseline is the mean reward of the other replies to the same
+prompt) runs this same flow with TRL's RLOOTrainer: `--stage rloo`, or a recipe file named rloo*.yaml:
+
+    accelerate launch scripts/grpo.py --config recipes/tiny/rloo.yaml
 """
 
-from trellis.config import parse_recipe
+from trellis.config import parse_recipe, stage_from_command_line
 from trellis.errors import exit_on_error
 
 
-def main(stage: str = "grpo") -> None:
+def main() -> None:
+    stage = stage_from_command_line("grpo")
     script_args, training_args, model_args = parse_recipe(stage)
 
     from trl import GRPOTrainer, RLOOTrainer

@@ -73,9 +73,20 @@ LORA = "use_peft: true\nlora_r: 16\nlora_alpha: 32\nlora_dropout: 0.0\nlora_targ
 
 
 def run_stage(workdir: Path, stage: str, out: Path, *overrides: str, recipe: str | None = None) -> dict:
+    from trellis.stages import stage_flag, stage_kind
+
     config = recipe or f"recipes/tiny/{stage}.yaml"
     result = run_script(
-        [f"{stage}.py", "--config", config, "--output_dir", str(out), *overrides], cwd=workdir
+        [
+            stage_kind(stage).script,
+            "--config",
+            config,
+            "--output_dir",
+            str(out),
+            *stage_flag(stage),
+            *overrides,
+        ],
+        cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     record = read_record(str(out))

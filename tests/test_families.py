@@ -41,6 +41,7 @@ from trellis.families import (
 from trellis.pipeline import load_pipeline
 from trellis.quantize_recipe import QuantizeArguments
 from trellis.run_record import read_record
+from trellis.stages import STAGES
 
 FIRST_OF_FAMILY = {f.family: f for f in reversed(FAMILIES)}
 TRAIN = {
@@ -138,7 +139,6 @@ NOT_EXERCISED = {
 }  # fmt: skip
 # A recipe's stage: its name's prefix. pipeline.yaml chains the others (test_family_pipeline_...).
 ORDER = ("data", "pretrain", "sft", "reward", "dpo", "ppo", "eval", "quantize")
-SCRIPTS = {"data": "prepare_data", "eval": "evaluate"}
 
 
 def load_recipes(fam: Family) -> dict[str, dict]:
@@ -240,7 +240,7 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
                 num_sample_generations=0,
             )
         record = run_stage(
-            SCRIPTS.get(stage, stage),
+            STAGES[stage].script.removesuffix(".py"),
             REPO / "recipes" / fam.name / f"{name}.yaml",
             {**overrides, **paths},
             tmp_path,

@@ -346,15 +346,8 @@ def test_tiny_pipeline_is_valid(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     pipeline = load_pipeline(str(REPO / "recipes" / "tiny" / "pipeline.yaml"))
     assert pipeline.names == [
-        "data",
-        "pretrain",
-        "sft",
-        "reward",
-        "ppo",
-        "dpo",
-        "eval",
-        "quantize",
-        "publish",
+        *("data", "pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "kto", "orpo"),
+        *("eval", "quantize", "publish"),
     ]
     sft = pipeline.stage("sft").resolved
     assert sft["model_name_or_path"] == "outputs/tiny/pretrain" and sft["model_config"] is None

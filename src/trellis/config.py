@@ -18,7 +18,6 @@ import sys
 import types
 import typing
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +26,7 @@ import yaml
 from trl import ModelConfig  # a plain dataclass; TRL imports its trainers lazily
 
 from trellis.errors import TrellisError
+from trellis.stages import RECIPE_KINDS, UnknownStage, argument_types, kinds_of_script, stage_kind
 
 DATASET_FORMATS = (
     "auto",
@@ -166,24 +166,6 @@ class SFTScriptArguments(ScriptArguments):
     )
 
 
-def _sft_types() -> tuple[type, ...]:
-    from trl import SFTConfig
-
-    return SFTScriptArguments, SFTConfig, ModelArguments
-
-
-def _data_types() -> tuple[type, ...]:
-    from trellis.data_recipe import DataArguments
-
-    return (DataArguments,)
-
-
-def _pretrain_types() -> tuple[type, ...]:
-    from trellis.pretraining import PretrainArguments, PretrainConfig
-
-    return PretrainArguments, PretrainConfig, ModelArguments
-
-
 @dataclass
 class PPOScriptArguments(ScriptArguments):
     """PPO's data (prompts) plus the value model, which TRL's PPOConfig has no key for."""
@@ -216,83 +198,11 @@ class OnlineRLScriptArguments(ScriptArguments):
         return []
 
 
-def _reward_types() -> tuple[type, ...]:
-    from trl import RewardConfig
-
-    return ScriptArguments, RewardConfig, ModelArguments
-
-
-def _dpo_types() -> tuple[type, ...]:
-    from trl import DPOConfig
-
-    return ScriptArguments, DPOConfig, ModelArguments
-
-
-def _kto_types() -> tuple[type, ...]:
-    from trl import KTOConfig
-
-    return ScriptArguments, KTOConfig, ModelArguments
-
-
-def _orpo_types() -> tuple[type, ...]:
-    from trl.experimental.orpo import ORPOConfig
-
-    return ScriptArguments, ORPOConfig, ModelArguments
-
-
-def _grpo_types() -> tuple[type, ...]:
-    from trl import GRPOConfig
-
-    return OnlineRLScriptArguments, GRPOConfig, ModelArguments
-
-
-def _rloo_types() -> tuple[type, ...]:
-    from trl import RLOOConfig
-
-    return OnlineRLScriptArguments, RLOOConfig, ModelArguments
-
-
-def _ppo_types() -> tuple[type, ...]:
-    from trellis.ppo_config import PPOConfig
-
-    return PPOScriptArguments, PPOConfig, ModelArguments
-
-
-def _eval_types() -> tuple[type, ...]:
-    from trellis.eval_recipe import EvalArguments
-
-    return (EvalArguments,)
-
-
-def _quantize_types() -> tuple[type, ...]:
-    from trellis.quantize_recipe import QuantizeArguments
-
-    return (QuantizeArguments,)
-
-
-# Stage name -> the dataclasses its recipe fills, in the order parse_recipe returns them.
-STAGES: dict[str, Callable[[], tuple[type, ...]]] = {
-    "data": _data_types,
-    "sft": _sft_types,
-    "pretrain": _pretrain_types,
-    "reward": _reward_types,
-    "dpo": _dpo_types,
-    "ppo": _ppo_types,
-    "kto": _kto_types,
-    "orpo": _orpo_types,
-    "grpo": _grpo_types,
-    "rloo": _rloo_types,
-    "eval": _eval_types,
-    "quantize": _quantize_types,
-}
-
-
 def stage_types(stage: str) -> tuple[type, ...]:
-    if stage not in STAGES:
-        raise RecipeError(
-            f"unknown stage {stage!r}{did_you_mean(stage, STAGES)}; stages: {', '.join(STAGES)}"
-        )
-    return STAGES[stage]()
+    try:
+        return argument_types(stage)
+    except UnknownStage as error:
+        raise RecipeError(str(error)) from None
 
 
 def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = True) -> tuple[Any, ...]:
@@ -301,7 +211,10 @@ def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = 
     With check_paths=False, local inputs need not exist yet (e.g. the output of an earlier stage).
     """
     args = list(sys.argv[1:] if args is None else args)
-    config_path, cli_args = _pop_config_arg(args)
+    config_path, cli_args = _pop_flag(args, "--config", "a path to a recipe YAML file")
+    chosen, cli_args = _pop_flag(cli_args, "--stage", "a stage kind")
+    if chosen not in (None, stage):
+        raise RecipeError(f"--stage {chosen!r}: this run parses a {stage!r} recipe")
     dataclass_types = stage_types(stage)
     where = config_path or "command line"
 
@@ -356,10 +269,10 @@ def validate_recipe_file(path: str, stage: str | None = None, check_paths: bool 
 def stage_of_recipe(path: str) -> str:
     """The stage a recipe file is for, from its name: sft.yaml, sft_lora.yaml, sft-qlora.yaml -> sft."""
     stem = Path(path).stem.replace("-", "_").split("_")[0]
-    if stem not in STAGES:
+    if stem not in RECIPE_KINDS:
         raise RecipeError(
             f"{path}: cannot tell the stage from the file name; name it <stage>[_variant].yaml or pass "
-            f"--stage (one of: {', '.join(STAGES)})"
+            f"--stage (one of: {', '.join(RECIPE_KINDS)})"
         )
     return stem
 
@@ -409,19 +322,37 @@ def _apply_env(env: Any, where: str) -> None:
         os.environ[str(key)] = str(value)
 
 
-def _pop_config_arg(args: list[str]) -> tuple[str | None, list[str]]:
-    rest, config = [], None
+def _pop_flag(args: list[str], flag: str, needs: str) -> tuple[str | None, list[str]]:
+    """Take `--flag VALUE` (or `--flag=VALUE`) out of the arguments; return the value and the rest."""
+    rest, value = [], None
     iterator = iter(args)
     for arg in iterator:
-        if arg == "--config":
-            config = next(iterator, None)
-            if config is None:
-                raise RecipeError("--config needs a path to a recipe YAML file")
-        elif arg.startswith("--config="):
-            config = arg.split("=", 1)[1]
+        if arg == flag:
+            value = next(iterator, None)
+            if value is None:
+                raise RecipeError(f"{flag} needs {needs}")
+        elif arg.startswith(f"{flag}="):
+            value = arg.split("=", 1)[1]
         else:
             rest.append(arg)
-    return config, rest
+    return value, rest
+
+
+def stage_from_command_line(script_stage: str, args: list[str] | None = None) -> str:
+    """The stage kind a script shared by several kinds runs (dpo.py: dpo, kto, orpo): `--stage KIND`, else
+    the kind the recipe's file name starts with (kto.yaml, kto_lora.yaml), else the script's own."""
+    args = list(sys.argv[1:] if args is None else args)
+    kinds = kinds_of_script(stage_kind(script_stage).script)
+    chosen, rest = _pop_flag(args, "--stage", f"one of: {', '.join(kinds)}")
+    if chosen is None:
+        config, _ = _pop_flag(rest, "--config", "a path to a recipe YAML file")
+        named = Path(config).stem.replace("-", "_").split("_")[0] if config else None
+        return named if named in kinds else script_stage
+    if chosen not in kinds:
+        raise RecipeError(
+            f"--stage {chosen!r}: this script runs {', '.join(kinds)}{did_you_mean(chosen, kinds)}"
+        )
+    return chosen
 
 
 # --- key and type checks ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from trellis.comparison import RESULTS_JSON, markdown, model_card
 from trellis.config import looks_like_local_path
 from trellis.errors import TrellisError
 from trellis.run_record import RunRecord, git_commit, read_record, redact
+from trellis.stages import STAGES
 
 if TYPE_CHECKING:
     from trellis.pipeline import Pipeline, Stage
@@ -151,7 +152,7 @@ def card_for(folder: str, options: dict, pipeline: Pipeline, state: dict) -> str
             f"---\n{ModelCardData(model_name=name, tags=['trellis'], library_name='transformers').to_yaml()}\n---\n\n# {name}\n\n## Evaluation\n\nNo evaluation stage scored this model.\n"
         )
 
-    training = [s for s in lineage if s.kind not in ("data", "eval")]
+    training = [s for s in lineage if STAGES[s.kind].trains]
     start = training[0].resolved if training else {}
     base = start.get("model_name_or_path")
     if base and not looks_like_local_path(base):

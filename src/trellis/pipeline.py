@@ -48,22 +48,10 @@ from trellis.config import (
 )
 from trellis.errors import TrellisError
 from trellis.run_record import RECORD_NAME, git_commit, package_versions, read_record
+from trellis.stages import STAGES, stage_flag, stage_kind
 
 PIPELINE_RUN = "pipeline_run.json"
-# Stage kind -> its script in scripts/. `publish` runs in the runner itself (it only uploads files).
-SCRIPTS = {
-    "data": "prepare_data.py",
-    "pretrain": "pretrain.py",
-    "sft": "sft.py",
-    "reward": "reward.py",
-    "ppo": "ppo.py",
-    "dpo": "dpo.py",
-    "eval": "evaluate.py",
-    "quantize": "quantize.py",
-}
-PLAIN_PYTHON = {"data"}  # one process, no devices: no accelerate launcher
-PUBLISH = "publish"
-KINDS = (*SCRIPTS, PUBLISH)
+PUBLISH = "publish"  # the stage kind the runner does itself (it only uploads files)
 PIPELINE_KEYS = ("name", "output_dir", "accelerate_config", "env", "stages")
 STAGE_KEYS = ("name", "stage", "recipe", "accelerate_config", "overrides", "env", "push_to_hub")
 # Where to publish (a publish stage's keys, or a training stage's `push_to_hub` mapping).
@@ -92,10 +80,6 @@ class Stage:
     @property
     def output_dir(self) -> str:
         return self.resolved["output_dir"]
-
-    @property
-    def script(self) -> str | None:
-        return SCRIPTS.get(self.kind)
 
 
 @dataclass
@@ -192,11 +176,11 @@ def _read_stage(
     where = f"{where} ({name})"
     kind = entry.get("stage", name)
     line = lines.get(("stages", index, "stage")) or lines.get(("stages", index, "name"))
-    if kind not in KINDS:
+    if kind not in STAGES:
         problems.append(
             Problem(
                 f"{where}.stage",
-                f"unknown stage {kind!r}{did_you_mean(str(kind), KINDS)}; stages: {', '.join(KINDS)}",
+                f"unknown stage {kind!r}{did_you_mean(str(kind), STAGES)}; stages: {', '.join(STAGES)}",
                 line,
             )
         )
@@ -552,9 +536,11 @@ def scripts_dir() -> Path:
 
 
 def command(stage: Stage, pipeline: Pipeline) -> list[str]:
-    script = str(scripts_dir() / stage.script)
+    kind = stage_kind(stage.kind)
+    script = str(scripts_dir() / kind.script)
     config = ["--config", str(pipeline.resolved_recipe_path(stage))]
-    if stage.kind in PLAIN_PYTHON:
+    config += stage_flag(kind.name)  # e.g. kto runs dpo.py's flow
+    if kind.launcher == "python":
         return [sys.executable, script, *config]
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     if stage.accelerate_config:
@@ -792,7 +778,7 @@ def print_plan(pipeline: Pipeline, selected: list[Stage], forced: set[str], stat
 
 def memory_estimate(stage: Stage, pipeline: Pipeline) -> str | None:
     """The per-device training-memory estimate of a training stage, from its model's config (no weights load)."""
-    if stage.kind in ("data", "eval", "quantize", PUBLISH):
+    if not stage_kind(stage.kind).trains:
         return None
     try:
         config = model_config(stage, pipeline)

@@ -19,16 +19,9 @@ from pathlib import Path
 from trellis.comparison import RESULTS_JSON, _file_name, markdown
 from trellis.errors import TrellisError
 from trellis.run_record import checkpoints_by_step, read_record
+from trellis.stages import STAGES
 
 REPORT_MARKDOWN, REPORT_HTML, PLOTS = "report.md", "report.html", "report_plots"
-# The held-out metric each stage kind is there to move, and whether higher is better.
-TARGETS = {
-    "pretrain": ("eval_loss", False),
-    "sft": ("eval_loss", False),
-    "reward": ("eval_accuracy", True),
-    "ppo": ("mean_reward", True),
-    "dpo": ("eval_loss", False),
-}
 QUANTIZATION_FILES = ("quantization_report.md", "quality_vs_size.png")
 
 
@@ -118,8 +111,8 @@ def stage_metrics(record: dict) -> tuple[list[list[str]], dict | None]:
     metrics = record.get("metrics", {})
     before, after = metrics.get("initial", {}), metrics.get("eval", {})
     rows, verdict = [], None
-    target = TARGETS.get(kind)
-    for name in sorted(set(before) & set(after), key=lambda n: (target is None or n != target[0], n)):
+    target = STAGES[kind].target if kind in STAGES else None
+    for name in sorted(set(before) & set(after), key=lambda n: (target is None or n != target.metric, n)):
         higher = higher_is_better(name)
         if higher is None and "logps" not in name:  # counters and timings: not a measure of the model
             continue
@@ -127,7 +120,7 @@ def stage_metrics(record: dict) -> tuple[list[list[str]], dict | None]:
         better = None if higher is None or change == 0 else (change > 0) == higher
         mark = "" if better is None else (" ▲" if better else " ▼")
         rows.append([name, _number(before[name]), _number(after[name]), f"{change:+.4g}{mark}"])
-        if target and name == target[0]:
+        if target and name == target.metric:
             verdict = {"metric": name, "before": before[name], "after": after[name], "improved": bool(better)}
     return rows, verdict
 
