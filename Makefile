@@ -39,6 +39,7 @@ test: install
 lint: install
 	$(BIN)/ruff check src scripts tests
 	$(BIN)/ruff format --check src scripts tests
+	$(BIN)/lint-imports --no-logo  # the import layers and no cycles (setup.cfg [importlinter])
 
 format: install
 	$(BIN)/ruff check --fix src scripts tests

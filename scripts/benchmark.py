@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,10 +53,10 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
 def main() -> None:
     args, overrides = parse_args()
 
-    from trellis import benchmark
-    from trellis.config import load_recipe_file, stage_of_recipe, stage_types
-    from trellis.stages import STAGES, stage_flag
-    from trellis.throughput import WARMUP_STEPS
+    from trellis.core.recipe import load_recipe_file
+    from trellis.stages import STAGES, stage_flag, stage_of_recipe, stage_types
+    from trellis.train import benchmark
+    from trellis.train.throughput import WARMUP_STEPS
 
     stage = args.stage or stage_of_recipe(args.config)
     timed = [name for name, kind in STAGES.items() if kind.measures_throughput]

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
 
 STOP_WORDS = [
     "the",
@@ -147,9 +147,9 @@ def main() -> None:
 
     import datasets
 
-    from trellis import corpus
-    from trellis.config import parse_recipe
-    from trellis.run_record import RunRecord
+    from trellis.core.run_record import RunRecord
+    from trellis.data import corpus
+    from trellis.stages import parse_recipe
 
     logging.basicConfig(
         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stdout

@@ -15,8 +15,8 @@ KTO and ORPO run this same flow with TRL's KTOTrainer and ORPOTrainer: the stage
     accelerate launch scripts/dpo.py --config recipes/tiny/kto.yaml
 """
 
-from trellis.config import parse_recipe, stage_from_command_line
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
+from trellis.stages import parse_recipe, stage_from_command_line
 
 
 def _trainer_class(stage: str):
@@ -35,14 +35,15 @@ def main() -> None:
     script_args, training_args, model_args = parse_recipe(stage)
     trainer_class = _trainer_class(stage)
 
-    from trellis import chat, data, models
-    from trellis.stage import save_final_model, start_training_run, train_and_evaluate
+    from trellis.data import chat, sources
+    from trellis.train import models
+    from trellis.train.run import save_final_model, start_training_run, train_and_evaluate
 
     with start_training_run(stage, script_args, training_args, model_args) as record:
         # KTO learns from answers labelled good or bad: preference pairs are read unpaired.
         task = "unpaired" if stage == "kto" else "preference"
-        dataset = data.load_train_eval(script_args, seed=training_args.seed, task=task)
-        record.set_input("datasets", data.fingerprints(dataset))
+        dataset = sources.load_train_eval(script_args, seed=training_args.seed, task=task)
+        record.set_input("datasets", sources.fingerprints(dataset))
         tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code)
         model = models.load_model(model_args, tokenizer, training_args)
         chat.apply_chat_template(model, tokenizer, model_args.chat_template)

@@ -11,8 +11,8 @@ launch` with several processes, lm-eval shards the examples of path checkpoints 
 
 import os
 
-from trellis.config import parse_recipe
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
+from trellis.stages import parse_recipe
 
 
 def main() -> None:
@@ -20,10 +20,10 @@ def main() -> None:
 
     from accelerate import PartialState
 
-    from trellis import comparison, evaluation
-    from trellis.gates import check_gates
-    from trellis.run_record import RunRecord
-    from trellis.stage import setup_logging
+    from trellis.core.run_record import RunRecord
+    from trellis.evaluate import comparison, evaluation
+    from trellis.evaluate.gates import check_gates
+    from trellis.train.run import setup_logging
 
     state = PartialState()
     setup_logging()

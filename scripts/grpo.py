@@ -16,8 +16,8 @@ prompt) runs this same flow with TRL's RLOOTrainer: `--stage rloo`, or a recipe 
     accelerate launch scripts/grpo.py --config recipes/tiny/rloo.yaml
 """
 
-from trellis.config import parse_recipe, stage_from_command_line
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
+from trellis.stages import parse_recipe, stage_from_command_line
 
 
 def main() -> None:
@@ -26,8 +26,9 @@ def main() -> None:
 
     from trl import GRPOTrainer, RLOOTrainer
 
-    from trellis import alignment, chat, data, models
-    from trellis.stage import save_final_model, start_training_run
+    from trellis.data import chat, sources
+    from trellis.train import alignment, models
+    from trellis.train.run import save_final_model, start_training_run
 
     with start_training_run(stage, script_args, training_args, model_args) as record:
         tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code, padding_side="left")
@@ -35,8 +36,8 @@ def main() -> None:
         alignment.check_reward_model(script_args.reward_model_path, tokenizer)
         record.set_input("reward_model", script_args.reward_model_path)
 
-        dataset = data.load_train_eval(script_args, seed=training_args.seed, task="prompts")
-        record.set_input("datasets", data.fingerprints(dataset))
+        dataset = sources.load_train_eval(script_args, seed=training_args.seed, task="prompts")
+        record.set_input("datasets", sources.fingerprints(dataset))
         policy = models.load_model(model_args, tokenizer, training_args)
         chat.apply_chat_template(policy, tokenizer, model_args.chat_template)
         reward_model = alignment.load_scoring_model(

@@ -13,16 +13,17 @@ the last checkpoint (policy, value model, optimizer, scheduler, RNG, updates don
 PPOTrainer cannot, so trellis.ppo_trainer.ResumablePPOTrainer adds it.
 """
 
-from trellis.config import parse_recipe
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
+from trellis.stages import parse_recipe
 
 
 def main() -> None:
     script_args, training_args, model_args = parse_recipe("ppo")
 
-    from trellis import alignment, chat, data, models
-    from trellis.ppo_trainer import ResumablePPOTrainer
-    from trellis.stage import save_final_model, start_training_run
+    from trellis.data import chat, sources
+    from trellis.train import alignment, models
+    from trellis.train.ppo_trainer import ResumablePPOTrainer
+    from trellis.train.run import save_final_model, start_training_run
 
     with start_training_run("ppo", script_args, training_args, model_args) as record:
         # PPO generates from the right edge of each prompt: pad on the left.
@@ -34,8 +35,8 @@ def main() -> None:
         record.set_input("reward_model", training_args.reward_model_path)
         record.set_input("value_model", value_model_path)
 
-        dataset = data.load_train_eval(script_args, seed=training_args.seed, task="prompts")
-        record.set_input("datasets", data.fingerprints(dataset))
+        dataset = sources.load_train_eval(script_args, seed=training_args.seed, task="prompts")
+        record.set_input("datasets", sources.fingerprints(dataset))
         policy = models.load_model(model_args, tokenizer, training_args)
         chat.apply_chat_template(policy, tokenizer, model_args.chat_template)
         prompts = {split: alignment.tokenize_prompts(ds, tokenizer) for split, ds in dataset.items()}

@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 
-from trellis.config import parse_recipe
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
+from trellis.stages import parse_recipe
 
 
 def main() -> None:
@@ -21,8 +21,8 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:
         return  # under a multi-process launcher one process does the work, with num_proc workers
 
-    from trellis import corpus
-    from trellis.run_record import RunRecord
+    from trellis.core.run_record import RunRecord
+    from trellis.data import corpus
 
     logging.basicConfig(
         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stdout

@@ -9,26 +9,22 @@ loss spikes before the bad update, and writes the model plus, if asked, its EMA 
 variants; raw, EMA and averaged weights are all evaluated on the validation split and recorded.
 """
 
-import os
-
-from trellis.config import parse_recipe
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
+from trellis.stages import parse_recipe
 
 
 def main() -> None:
     pretrain_args, training_args, model_args = parse_recipe("pretrain")
 
-    from trellis import models, pretraining
-    from trellis.averaging import average_checkpoints, last_checkpoints
-    from trellis.corpus import load_packed
-    from trellis.data import fingerprints
-    from trellis.distributed import check_distributed_setup, effective_sharding, shard_layout
-    from trellis.memory import estimate_for_model
-    from trellis.stage import (
+    from trellis.data.corpus import load_packed
+    from trellis.data.sources import fingerprints
+    from trellis.train import models, pretraining
+    from trellis.train.distributed import check_distributed_setup, shard_layout
+    from trellis.train.memory import estimate_for_model
+    from trellis.train.run import (
         logger,
         resume_checkpoint,
         save_final_model,
-        save_model_directory,
         start_training_run,
         train_and_evaluate,
     )
@@ -58,11 +54,7 @@ def main() -> None:
         )
         check_distributed_setup(trainer.accelerator, training_args)
         estimate = estimate_for_model(
-            model,
-            training_args,
-            len(packed["train"][0]["input_ids"]),
-            effective_sharding(trainer.accelerator),
-            trainer.accelerator.num_processes,
+            model, training_args, len(packed["train"][0]["input_ids"]), trainer.accelerator
         )
         logger.info(estimate.table())
         record.data["memory_estimate_gib"] = estimate.as_gib()
@@ -71,39 +63,8 @@ def main() -> None:
         record.data["shard_layout"] = shard_layout(trainer.accelerator, trainer.model)
         save_final_model(trainer, model_args)
 
-        # Evaluate the alternatives to the last raw weights; the user keeps whichever is best.
-        variants = {}
-        if ema:
-            variants["ema"] = ema.shadow
-        if pretrain_args.average_last_checkpoints:
-            from safetensors.torch import load_file
-
-            averaged = os.path.join(training_args.output_dir, "averaged")
-            if trainer.accelerator.is_main_process:
-                checkpoints = last_checkpoints(
-                    training_args.output_dir, pretrain_args.average_last_checkpoints
-                )
-                average_checkpoints(checkpoints, averaged, model_files_from=training_args.output_dir)
-            trainer.accelerator.wait_for_everyone()
-            variants["averaged"] = load_file(os.path.join(averaged, "model.safetensors"))
-        for name, weights in variants.items():
-            raw = pretraining.swap_weights(trainer.model, weights, full=name == "averaged")
-            if name == "ema":
-                save_model_directory(trainer, os.path.join(training_args.output_dir, "ema"))
-            # Logged as eval/ema_loss, eval/averaged_loss, ... (TensorBoard); recorded under the usual keys.
-            metrics = trainer.evaluate(metric_key_prefix=f"eval_{name}")
-            record.set_metrics(
-                f"eval_{name}", {k.replace(f"eval_{name}", "eval", 1): v for k, v in metrics.items()}
-            )
-            pretraining.swap_weights(trainer.model, raw)
-        for name in ("eval", *(f"eval_{v}" for v in variants)):
-            metrics = record.data["metrics"][name]  # the trainer's log added the perplexity
-            logger.info(
-                "%-14s validation loss %.4f, perplexity %.2f",
-                name,
-                metrics["eval_loss"],
-                metrics["eval_perplexity"],
-            )
+        # The alternatives to the last raw weights, each saved and evaluated; the user keeps whichever is best.
+        pretraining.evaluate_weight_variants(trainer, record, ema, pretrain_args.average_last_checkpoints)
 
 
 if __name__ == "__main__":

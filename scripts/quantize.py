@@ -10,8 +10,8 @@ quantization_report.md/.json and quality_vs_size.png with the best variant marke
 variant, and with push_to_hub uploads each variant.
 """
 
-from trellis.config import parse_recipe
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
+from trellis.stages import parse_recipe
 
 
 def main() -> None:
@@ -19,9 +19,10 @@ def main() -> None:
 
     from accelerate import PartialState
 
-    from trellis import evaluation, quantization
-    from trellis.run_record import RunRecord
-    from trellis.stage import setup_logging
+    from trellis.core.run_record import RunRecord
+    from trellis.evaluate import evaluation
+    from trellis.quantize import quantization
+    from trellis.train.run import setup_logging
 
     state = PartialState()
     if state.num_processes > 1:

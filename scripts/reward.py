@@ -8,8 +8,8 @@ scores above the rejected one. Held-out pairwise accuracy and mean margin (chose
 score) are recorded before and after training in trellis_run.json (`eval_accuracy`, `eval_margin`).
 """
 
-from trellis.config import parse_recipe
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
+from trellis.stages import parse_recipe
 
 
 def main() -> None:
@@ -18,12 +18,13 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardTrainer
 
-    from trellis import alignment, chat, data, models
-    from trellis.stage import save_final_model, start_training_run, train_and_evaluate
+    from trellis.data import chat, sources
+    from trellis.train import alignment, models
+    from trellis.train.run import save_final_model, start_training_run, train_and_evaluate
 
     with start_training_run("reward", script_args, training_args, model_args) as record:
-        dataset = data.load_train_eval(script_args, seed=training_args.seed, task="preference")
-        record.set_input("datasets", data.fingerprints(dataset))
+        dataset = sources.load_train_eval(script_args, seed=training_args.seed, task="preference")
+        record.set_input("datasets", sources.fingerprints(dataset))
         tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code)
         model = alignment.load_reward_model(model_args, tokenizer, training_args)
         chat.apply_chat_template(model, tokenizer, model_args.chat_template)

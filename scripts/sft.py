@@ -9,8 +9,8 @@ model, trains (resuming from the last checkpoint in output_dir), evaluates again
 model directory plus trellis_run.json to output_dir.
 """
 
-from trellis.config import parse_recipe
-from trellis.errors import exit_on_error
+from trellis.core.errors import exit_on_error
+from trellis.stages import parse_recipe
 
 
 def main() -> None:
@@ -18,12 +18,13 @@ def main() -> None:
 
     from trl import SFTTrainer
 
-    from trellis import chat, data, lm_head_loss, models
-    from trellis.stage import save_final_model, start_training_run, train_and_evaluate
+    from trellis.data import chat, sources
+    from trellis.train import lm_head_loss, models
+    from trellis.train.run import save_final_model, start_training_run, train_and_evaluate
 
     with start_training_run("sft", script_args, training_args, model_args) as record:
-        dataset = data.load_train_eval(script_args, seed=training_args.seed)
-        record.set_input("datasets", data.fingerprints(dataset))
+        dataset = sources.load_train_eval(script_args, seed=training_args.seed)
+        record.set_input("datasets", sources.fingerprints(dataset))
         tokenizer = models.load_tokenizer(model_args, training_args.trust_remote_code)
         model = models.load_model(model_args, tokenizer, training_args)
         chat.apply_chat_template(model, tokenizer, model_args.chat_template)

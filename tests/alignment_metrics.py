@@ -64,7 +64,7 @@ def accuracy_and_margin(pairs: list[tuple[float, float]]) -> tuple[float, float]
 
 def kind_of_pair(pair: dict) -> str:
     """How the rejected answer of a tiny-default pair is worse: 'rude', 'rambling' or 'wrong' (a wrong fact)."""
-    from trellis.tiny import RAMBLE, RUDE_ANSWERS
+    from trellis.data.tiny import RAMBLE, RUDE_ANSWERS
 
     rejected = pair["rejected"][-1]["content"]
     return "rude" if rejected in RUDE_ANSWERS else "rambling" if rejected.startswith(RAMBLE) else "wrong"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trellis.run_record import read_record
+from trellis.core.run_record import read_record
 
 # No test may reach the Hub: everything is made locally.
 os.environ.update(
@@ -40,7 +40,7 @@ def seed(request) -> int:
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     """A directory laid out like a user's checkout: recipes/ and accelerate_configs/ plus generated data/tiny."""
-    from trellis.tiny import write_tiny_data
+    from trellis.data.tiny import write_tiny_data
 
     root = tmp_path_factory.mktemp("work")
     for name in ("recipes", "accelerate_configs"):
@@ -146,7 +146,7 @@ def fresh_tiny_model(workdir: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from trellis import chat
+    from trellis.data import chat
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "data" / "tiny" / "tokenizer")
     values = json.loads((REPO / "recipes" / "tiny" / "model.json").read_text())

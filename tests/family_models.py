@@ -1,5 +1,5 @@
 """Tiny local stand-ins for the real model families: the same architecture (a scaled-down copy of the
-family's Hub config from trellis.families), the family's special tokens, and its official chat template.
+family's Hub config from tests/families.py), the family's special tokens, and its official chat template.
 
 Official templates: Llama 3.2, Qwen2.5 and Gemma 2 are read from TRL's package (trl/chat_templates/:
 exact copies of what the model repos ship, which TRL compares tokenizers against to recognise them).
@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import trl
-
-from trellis.families import Family
+from families import Family
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 
@@ -113,7 +112,7 @@ ADDS_BOS = ("llama3", "gemma2", "mistral")
 def build_tokenizer(family: str, texts: list[str], vocab_size: int = 400):
     """A byte-level BPE tokenizer trained on `texts`, carrying the family's special tokens and template, and
     prepending BOS to encoded text where the family's tokenizer does."""
-    from trellis.tokenizer import train_bpe_tokenizer
+    from trellis.data.tokenizer import train_bpe_tokenizer
 
     # A family without a pad token keeps none (pad_token=None), as its real tokenizer does.
     tokens = {"pad_token": None, **{k: v for k, v in TOKENS[family].items() if k.endswith("_token")}}

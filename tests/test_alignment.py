@@ -15,7 +15,7 @@ from alignment_metrics import accuracy_and_margin, answer_logps, kind_of_pair, p
 from conftest import LORA, run_stage, write_recipe
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from trellis.run_record import read_record
+from trellis.core.run_record import read_record
 
 QLORA = LORA + "load_in_4bit: true\nbnb_4bit_quant_type: nf4\n"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from trellis import benchmark
-from trellis.throughput import CountingCollator, ThroughputMeter, flops_per_token, take_counts
+from trellis.train import benchmark
+from trellis.train.throughput import CountingCollator, ThroughputMeter, flops_per_token, take_counts
 
 
 class _Args:
@@ -95,7 +95,7 @@ def test_loss_at_equal_tokens_uses_the_tokens_both_runs_saw():
 
 
 def test_baseline_resets_only_the_speed_keys_the_recipe_changed():
-    from trellis.config import stage_types
+    from trellis.stages import stage_types
 
     recipe = {
         "packing": True,
@@ -120,7 +120,8 @@ def test_baseline_resets_only_the_speed_keys_the_recipe_changed():
 def test_a_loss_type_that_changes_the_loss_is_no_speed_setting():
     from trl import DPOConfig
 
-    from trellis.config import ModelArguments, ScriptArguments
+    from trellis.data.arguments import ScriptArguments
+    from trellis.train.arguments import ModelArguments
 
     changed = benchmark.baseline_overrides(
         (ScriptArguments, DPOConfig, ModelArguments), {"loss_type": ["ipo"]}

@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from trellis.chat import CHATML_TEMPLATE, PreflightError, apply_chat_template, check_eos_in_loss_mask
+from trellis.data.chat import CHATML_TEMPLATE, PreflightError, apply_chat_template, check_eos_in_loss_mask
 
 CONVERSATIONS = [
     {

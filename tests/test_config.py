@@ -9,13 +9,9 @@ import time
 import pytest
 from conftest import REPO, run_script, write_recipe
 
-from trellis.config import (
-    DatasetSource,
-    RecipeError,
-    looks_like_local_path,
-    parse_recipe,
-    validate_recipe_file,
-)
+from trellis.core.recipe import RecipeError, looks_like_local_path
+from trellis.data.arguments import DatasetSource
+from trellis.stages import parse_recipe, validate_recipe_file
 
 # Stage recipes; pipeline files are validated by tests/test_pipeline.py (tiny) and tests/test_families.py.
 RECIPES = sorted(path for path in REPO.glob("recipes/**/*.yaml") if path.name != "pipeline.yaml")

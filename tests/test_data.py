@@ -8,8 +8,8 @@ import json
 import datasets
 import pytest
 
-from trellis.config import DatasetSource, ScriptArguments
-from trellis.data import (
+from trellis.data.arguments import DatasetSource, ScriptArguments
+from trellis.data.sources import (
     DataError,
     alpaca_to_messages,
     convert,

@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 
-from trellis.dedup import (
+from trellis.data.dedup import (
     MinHasher,
     eval_ngrams,
     exact_hash,

@@ -13,11 +13,12 @@ from conftest import fresh_tiny_model, run_script, write_recipe
 from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
-from trellis import comparison
-from trellis.config import RecipeError, parse_recipe
-from trellis.gates import GateError, check_gates, parse_gate
-from trellis.perplexity import evaluate_perplexity, sliding_windows
-from trellis.run_record import read_record
+from trellis.core.recipe import RecipeError
+from trellis.core.run_record import read_record
+from trellis.evaluate import comparison
+from trellis.evaluate.gates import GateError, check_gates, parse_gate
+from trellis.evaluate.perplexity import evaluate_perplexity, sliding_windows
+from trellis.stages import parse_recipe
 
 TASKS = "tasks: [tiny_qa, tiny_qa_form, tiny_preference]\napply_chat_template: true\n"
 LIMIT = 8  # held-out examples per task in the known-score test

@@ -21,13 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from family_models import TOKENS, official_template, reference_template, write_tiny_family_model
-from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-from trellis import quantization
-from trellis.chat import PreflightError
-from trellis.config import parse_recipe
-from trellis.families import (
+from families import (
     FAMILIES,
     HEADROOM,
     REPO,
@@ -38,10 +32,15 @@ from trellis.families import (
     memory_table,
     recipe_files,
 )
-from trellis.pipeline import load_pipeline
-from trellis.quantize_recipe import QuantizeArguments
-from trellis.run_record import read_record
-from trellis.stages import STAGES
+from family_models import TOKENS, official_template, reference_template, write_tiny_family_model
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+from trellis.core.run_record import read_record
+from trellis.data.chat import PreflightError
+from trellis.pipeline.spec import load_pipeline
+from trellis.quantize import quantization
+from trellis.quantize.arguments import QuantizeArguments
+from trellis.stages import STAGES, parse_recipe
 
 FIRST_OF_FAMILY = {f.family: f for f in reversed(FAMILIES)}
 TRAIN = {
@@ -302,7 +301,7 @@ def test_every_family_has_its_stage_recipes():
         assert small == ({"data", "pretrain"} <= files), fam.name  # continued pretraining up to 1.7B
 
 
-# Parameter counts the model cards publish, in billions: the configs in trellis.families are the real ones.
+# Parameter counts the model cards publish, in billions: the configs in tests/families.py are the real ones.
 PUBLISHED_BILLIONS = {
     "llama-3.2-1b": 1.24,
     "llama-3.1-8b": 8.03,

@@ -10,9 +10,9 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from trellis.config import ModelArguments
-from trellis.lm_head_loss import compute_small_logits_at_once
-from trellis.models import load_model
+from trellis.train.arguments import ModelArguments
+from trellis.train.lm_head_loss import compute_small_logits_at_once
+from trellis.train.models import load_model
 
 
 def _probe_batch(padding_free: bool = False) -> dict:

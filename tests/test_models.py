@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
-from trellis.models import ModelError, load_model, load_tokenizer
+from trellis.train.models import ModelError, load_model, load_tokenizer
 
 TINY_CONFIG = {
     "model_type": "llama",

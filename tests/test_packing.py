@@ -7,8 +7,8 @@ import torch
 from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from trellis.config import ModelArguments
-from trellis.models import load_model
+from trellis.train.arguments import ModelArguments
+from trellis.train.models import load_model
 
 
 def _documents() -> list[dict]:

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_recipe
 
-from trellis.hub import files_to_upload
-from trellis.pipeline import PIPELINE_RUN, PipelineError, load_pipeline, run_pipeline
-from trellis.run_record import read_record
+from trellis.core.run_record import read_record
+from trellis.pipeline.publish import files_to_upload
+from trellis.pipeline.runner import PIPELINE_RUN, run_pipeline
+from trellis.pipeline.spec import PipelineError, load_pipeline
 
 SECRET = "hf_" + "Zq7" * 12  # shaped like a Hub token: must never reach a file or a log
 
@@ -356,18 +357,18 @@ def test_tiny_pipeline_is_valid(workdir, monkeypatch):
 
 
 def test_report_of_an_evaluation_only_pipeline_copies_its_plots(tmp_path):
-    from trellis.comparison import RESULTS_JSON, _file_name, comparison
-    from trellis.report import PLOTS, build_report
+    from trellis.evaluate.comparison import RESULTS_JSON, comparison, plot_file_name
+    from trellis.pipeline.report import PLOTS, build_report
 
     evaluation = tmp_path / "eval"
     (evaluation / "plots").mkdir(parents=True)
     scores = {"base": {"metrics": {"qa.acc": 0.5}}, "tuned": {"metrics": {"qa.acc": 0.7}}}
     result = comparison(scores, "base", "tuned")
     (evaluation / RESULTS_JSON).write_text(json.dumps(result))
-    (evaluation / "plots" / _file_name("qa.acc")).write_bytes(b"png")
+    (evaluation / "plots" / plot_file_name("qa.acc")).write_bytes(b"png")
     stages = {"eval": {"output_dir": str(evaluation), "stage": "eval", "status": "complete"}}
     (tmp_path / PIPELINE_RUN).write_text(json.dumps({"name": "evals", "stages": stages}))
 
     report, _ = build_report(str(tmp_path))  # no training stage drew a curve before the evaluation's plots
-    assert f"]({PLOTS}/eval_{_file_name('qa.acc')})" in report
-    assert (tmp_path / PLOTS / f"eval_{_file_name('qa.acc')}").read_bytes() == b"png"
+    assert f"]({PLOTS}/eval_{plot_file_name('qa.acc')})" in report
+    assert (tmp_path / PLOTS / f"eval_{plot_file_name('qa.acc')}").read_bytes() == b"png"

@@ -8,7 +8,8 @@ import re
 
 from conftest import write_recipe
 
-from trellis.pipeline import load_pipeline, run_pipeline
+from trellis.pipeline.runner import run_pipeline
+from trellis.pipeline.spec import load_pipeline
 from trellis.stages import RECIPE_KINDS, STAGES
 
 ALIGNMENT = """

@@ -10,12 +10,12 @@ from conftest import LORA, run_script, run_stage, start_script, wait_for_file, w
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from trellis.alignment import mean_reward, tokenize_prompts
-from trellis.config import DatasetSource
-from trellis.data import load_source
-from trellis.models import _config_from_recipe
-from trellis.run_record import read_record
-from trellis.tokenizer import train_bpe_tokenizer
+from trellis.core.run_record import read_record
+from trellis.data.arguments import DatasetSource
+from trellis.data.sources import load_source
+from trellis.data.tokenizer import train_bpe_tokenizer
+from trellis.train.alignment import mean_reward, tokenize_prompts
+from trellis.train.models import config_from_recipe
 
 
 def held_out_reward(workdir: Path, policy_dir: Path, reward_dir: Path) -> dict:
@@ -76,7 +76,7 @@ def test_ppo_raises_mean_reward_on_held_out_prompts(workdir, reward_model, full_
 
 @pytest.mark.slow
 def test_ppo_training_reward_curve_reaches_the_report(full_ppo, tmp_path):
-    from trellis.report import plot_training_curves, trainer_log_history
+    from trellis.pipeline.report import plot_training_curves, trainer_log_history
 
     history = trainer_log_history(str(full_ppo))  # the run record's
     rewards = [entry["objective/rlhf_reward"] for entry in history if "objective/rlhf_reward" in entry]
@@ -149,12 +149,12 @@ def wrong_reward_models(workdir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("wrong_reward")
     tokenizer = AutoTokenizer.from_pretrained(workdir / "data/tiny/tokenizer")
     causal = AutoModelForCausalLM.from_config(
-        _config_from_recipe(str(workdir / "recipes/tiny/model.json"), tokenizer)
+        config_from_recipe(str(workdir / "recipes/tiny/model.json"), tokenizer)
     )
     causal.save_pretrained(root / "causal")
     tokenizer.save_pretrained(root / "causal")
     other = train_bpe_tokenizer(["a different corpus gives a different vocabulary"] * 10, vocab_size=300)
-    config = _config_from_recipe(str(workdir / "recipes/tiny/model.json"), other)
+    config = config_from_recipe(str(workdir / "recipes/tiny/model.json"), other)
     config.num_labels = 1
     AutoModelForSequenceClassification.from_config(config).save_pretrained(root / "other_vocab")
     other.save_pretrained(root / "other_vocab")

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from conftest import REPO, run_script, write_recipe
 
-from trellis.corpus import load_packed, pack_blocks, tokenize_and_pack
-from trellis.data import DataError
-from trellis.run_record import read_record
+from trellis.core.run_record import read_record
+from trellis.data.corpus import load_packed, pack_blocks, tokenize_and_pack
+from trellis.data.sources import DataError
 
 TINY_RECIPE = "recipes/tiny/data.yaml"
 
@@ -195,7 +195,7 @@ def test_planted_problems_are_removed_and_reported(workdir, tmp_path):
 
 
 def test_packing_keeps_every_token_of_every_document_exactly_once():
-    from trellis.tokenizer import train_bpe_tokenizer
+    from trellis.data.tokenizer import train_bpe_tokenizer
 
     documents = [f"document {i} " + "word " * (i % 37) for i in range(300)]
     tokenizer = train_bpe_tokenizer(documents, 300)
@@ -290,8 +290,8 @@ def test_benchmark_script_arithmetic(workdir, tmp_path):
 
 
 def test_streaming_source_reads_max_documents_of_its_text_field(tmp_path):
-    from trellis.corpus import load_corpus
-    from trellis.data_recipe import DataArguments
+    from trellis.data.arguments import DataArguments
+    from trellis.data.corpus import load_corpus
 
     source = tmp_path / "pages.jsonl"
     source.write_text("".join(json.dumps({"url": f"u{i}", "body": f"page {i}"}) + "\n" for i in range(50)))

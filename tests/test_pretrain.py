@@ -18,10 +18,10 @@ from conftest import SCRIPTS, run_script, wait_for_file
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trellis.averaging import average_checkpoints
-from trellis.memory import estimate_training_memory
-from trellis.pretraining import BlockCollator, DivergenceError, GuardedTrainer, PretrainConfig
-from trellis.run_record import read_record
+from trellis.core.run_record import read_record
+from trellis.train.averaging import average_checkpoints
+from trellis.train.memory import estimate_training_memory
+from trellis.train.pretraining import BlockCollator, DivergenceError, GuardedTrainer, PretrainConfig
 
 
 def pretrain(workdir, out: Path, *overrides: str, env: dict | None = None):
@@ -150,11 +150,11 @@ def test_killed_pretraining_resumes_onto_the_same_curve(workdir, tiny_data_outpu
 
 
 def test_divergence_guard_stops_before_the_bad_update(workdir, tiny_data_output, tmp_path):
-    from trellis.models import _config_from_recipe
+    from trellis.train.models import config_from_recipe
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_data_output / "tokenizer")
     model = AutoModelForCausalLM.from_config(
-        _config_from_recipe(str(workdir / "recipes/tiny/model.json"), tokenizer)
+        config_from_recipe(str(workdir / "recipes/tiny/model.json"), tokenizer)
     )
     calls = {"n": 0}
 

@@ -14,7 +14,7 @@ from conftest import run_script
 from safetensors import safe_open
 from test_pretrain import validation_loss
 
-from trellis.run_record import read_record
+from trellis.core.run_record import read_record
 
 # What accelerate_configs/fsdp.yaml and zero3.yaml ask for, on 2 CPU processes in fp32.
 FSDP2_ON_CPU = """\

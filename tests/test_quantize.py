@@ -16,9 +16,10 @@ from conftest import REPO, fresh_tiny_model, run_script, write_recipe
 from packaging.requirements import Requirement
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from trellis import quantization
-from trellis.config import RecipeError, parse_recipe
-from trellis.run_record import read_record
+from trellis.core.recipe import RecipeError
+from trellis.core.run_record import read_record
+from trellis.quantize import quantization
+from trellis.stages import parse_recipe
 
 # 4-bit perplexity bound, measured on this model (perplexity 4.09): GPTQ 4-bit +0.08%, NF4 -0.17% (8-bit
 # variants: within 0.04%; at 150 training steps NF4 lost 0.27%). 2% leaves room for other seeds and library

@@ -7,8 +7,8 @@ import json
 import pytest
 from transformers import TrainingArguments
 
-from trellis.config import ScriptArguments
-from trellis.run_record import RunRecord, read_record, redact_argv
+from trellis.core.run_record import RunRecord, read_record, redact_argv
+from trellis.data.arguments import ScriptArguments
 
 TOKEN = "hf_" + "x" * 34
 

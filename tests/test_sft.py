@@ -13,7 +13,7 @@ import torch
 from conftest import run_script, start_script, wait_for_file, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trellis.run_record import read_record
+from trellis.core.run_record import read_record
 
 ACCELERATE_CPU = [
     sys.executable,
@@ -98,12 +98,12 @@ def base_model(workdir, tmp_path_factory) -> Path:
     """A small pretrained base on disk for the adapter runs: a short causal-LM run on the tiny corpus."""
     from transformers import set_seed
 
-    from trellis.models import _config_from_recipe
+    from trellis.train.models import config_from_recipe
 
     set_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "data/tiny/tokenizer")
     model = AutoModelForCausalLM.from_config(
-        _config_from_recipe(str(workdir / "recipes/tiny/model.json"), tokenizer)
+        config_from_recipe(str(workdir / "recipes/tiny/model.json"), tokenizer)
     )
     docs = [
         json.loads(line)["text"]

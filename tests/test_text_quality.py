@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from trellis.data_recipe import DataArguments
-from trellis.text_quality import clean_text, fix_encoding, redact_pii, rejection_reason
+from trellis.data.arguments import DataArguments
+from trellis.data.text_quality import clean_text, fix_encoding, redact_pii, rejection_reason
 
 GOOD = (
     "The old lighthouse stood at the edge of the harbour for more than a century. Every night the "

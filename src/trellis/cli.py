@@ -9,7 +9,7 @@ import os
 import sys
 
 from trellis import __version__
-from trellis.errors import TrellisError, exit_on_error
+from trellis.core.errors import TrellisError, exit_on_error
 
 
 def _recipe_files(paths: list[str]) -> list[str]:
@@ -23,13 +23,13 @@ def _recipe_files(paths: list[str]) -> list[str]:
 
 
 def validate(args: argparse.Namespace) -> int:
-    from trellis.config import validate_recipe_file
+    from trellis.stages import validate_recipe_file
 
     failures = 0
     for path in _recipe_files(args.recipes):
         try:
             if os.path.basename(path) == "pipeline.yaml":
-                from trellis.pipeline import load_pipeline
+                from trellis.pipeline.spec import load_pipeline
 
                 load_pipeline(path)  # the file and every stage recipe it names, with its overrides
                 stage = "pipeline"
@@ -44,7 +44,7 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def tiny_data(args: argparse.Namespace) -> int:
-    from trellis.tiny import write_tiny_data
+    from trellis.data.tiny import write_tiny_data
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     write_tiny_data(args.output_dir, seed=args.seed)
@@ -52,7 +52,7 @@ def tiny_data(args: argparse.Namespace) -> int:
 
 
 def average(args: argparse.Namespace) -> int:
-    from trellis.averaging import average_checkpoints, last_checkpoints
+    from trellis.train.averaging import average_checkpoints, last_checkpoints
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.last:
@@ -69,7 +69,7 @@ def average(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trellis.pipeline import run_pipeline
+    from trellis.pipeline.runner import run_pipeline
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_pipeline(args.pipeline, start=args.start, only=args.only, dry_run=args.dry_run)
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from trellis.report import write_report
+    from trellis.pipeline.report import write_report
 
     print(f"wrote {write_report(args.directory)}")
     return 0

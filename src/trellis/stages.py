@@ -4,16 +4,31 @@ Config parsing, `trellis validate`, the pipeline, the report, the benchmark and 
 and nothing else. Adding a stage is one entry here plus its script in scripts/.
 
 Argument classes are named as "module:Class" and imported only when a recipe of that kind is parsed, so
-reading the table imports neither torch nor TRL.
+reading the table imports neither torch nor TRL. `parse_recipe(kind)` is how every stage script reads its
+recipe: strictly (trellis.core.recipe), into the dataclasses named here.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
+import sys
+import typing
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from trellis.errors import TrellisError
+from trellis.core.recipe import (
+    RecipeError,
+    apply_env,
+    check_local_paths,
+    check_recipe,
+    did_you_mean,
+    field_names,
+    format_problems,
+    load_recipe_file,
+    pop_flag,
+)
 
 
 @dataclass(frozen=True)
@@ -35,19 +50,23 @@ class StageKind:
     measures_throughput: bool = False  # records tokens/s (Trainer loops): scripts/benchmark.py can time it
 
 
-_MODEL = "trellis.config:ModelArguments"
-_DATA = "trellis.config:ScriptArguments"
+_MODEL = "trellis.train.arguments:ModelArguments"
+_DATA = "trellis.data.arguments:ScriptArguments"
 _LOSS_DOWN = Target("eval_loss", higher_is_better=False)
 _HELD_OUT_REWARD = Target("mean_reward", higher_is_better=True)  # greedy replies to held-out prompts
 
 STAGES: dict[str, StageKind] = {
     kind.name: kind
     for kind in (
-        StageKind("data", "prepare_data.py", ("trellis.data_recipe:DataArguments",), "python"),
+        StageKind("data", "prepare_data.py", ("trellis.data.arguments:DataArguments",), "python"),
         StageKind(
             "pretrain",
             "pretrain.py",
-            ("trellis.pretraining:PretrainArguments", "trellis.pretraining:PretrainConfig", _MODEL),
+            (
+                "trellis.train.pretraining:PretrainArguments",
+                "trellis.train.pretraining:PretrainConfig",
+                _MODEL,
+            ),
             "accelerate",
             _LOSS_DOWN,
             trains=True,
@@ -56,7 +75,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "sft",
             "sft.py",
-            ("trellis.config:SFTScriptArguments", "trl:SFTConfig", _MODEL),
+            ("trellis.train.arguments:SFTScriptArguments", "trl:SFTConfig", _MODEL),
             "accelerate",
             _LOSS_DOWN,
             trains=True,
@@ -74,7 +93,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "ppo",
             "ppo.py",
-            ("trellis.config:PPOScriptArguments", "trellis.ppo_config:PPOConfig", _MODEL),
+            ("trellis.train.arguments:PPOScriptArguments", "trellis.train.ppo_config:PPOConfig", _MODEL),
             "accelerate",
             _HELD_OUT_REWARD,
             trains=True,
@@ -82,7 +101,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "grpo",
             "grpo.py",
-            ("trellis.config:OnlineRLScriptArguments", "trl:GRPOConfig", _MODEL),
+            ("trellis.train.arguments:OnlineRLScriptArguments", "trl:GRPOConfig", _MODEL),
             "accelerate",
             _HELD_OUT_REWARD,
             trains=True,
@@ -90,7 +109,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "rloo",
             "grpo.py",
-            ("trellis.config:OnlineRLScriptArguments", "trl:RLOOConfig", _MODEL),
+            ("trellis.train.arguments:OnlineRLScriptArguments", "trl:RLOOConfig", _MODEL),
             "accelerate",
             _HELD_OUT_REWARD,
             trains=True,
@@ -122,8 +141,8 @@ STAGES: dict[str, StageKind] = {
             trains=True,
             measures_throughput=True,
         ),
-        StageKind("eval", "evaluate.py", ("trellis.eval_recipe:EvalArguments",), "accelerate"),
-        StageKind("quantize", "quantize.py", ("trellis.quantize_recipe:QuantizeArguments",), "accelerate"),
+        StageKind("eval", "evaluate.py", ("trellis.evaluate.arguments:EvalArguments",), "accelerate"),
+        StageKind("quantize", "quantize.py", ("trellis.quantize.arguments:QuantizeArguments",), "accelerate"),
         # Uploads a model directory from the runner; its keys are the pipeline file's (trellis.pipeline).
         StageKind("publish", None, (), "runner"),
     )
@@ -132,19 +151,15 @@ STAGES: dict[str, StageKind] = {
 RECIPE_KINDS = tuple(name for name, kind in STAGES.items() if kind.arguments)
 
 
-class UnknownStage(TrellisError):
-    """A stage kind that is not in the registry."""
-
-
 def stage_kind(name: str) -> StageKind:
     if name not in STAGES:
-        match = difflib.get_close_matches(str(name), list(STAGES), n=1, cutoff=0.6)
-        hint = f" (did you mean {match[0]!r}?)" if match else ""
-        raise UnknownStage(f"unknown stage {name!r}{hint}; stages: {', '.join(STAGES)}")
+        raise RecipeError(
+            f"unknown stage {name!r}{did_you_mean(str(name), STAGES)}; stages: {', '.join(STAGES)}"
+        )
     return STAGES[name]
 
 
-def argument_types(name: str) -> tuple[type, ...]:
+def stage_types(name: str) -> tuple[type, ...]:
     """The dataclasses a recipe of this kind fills (imports them: TRL's configs import transformers)."""
     classes = []
     for spec in stage_kind(name).arguments:
@@ -162,3 +177,97 @@ def stage_flag(name: str) -> list[str]:
     """`--stage NAME` for a kind that runs another kind's script (kto runs dpo.py), else nothing."""
     kind = stage_kind(name)
     return ["--stage", name] if kind.script and kinds_of_script(kind.script)[0] != name else []
+
+
+# --- parsing a stage's recipe ---------------------------------------------------------------------
+
+
+def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = True) -> tuple[Any, ...]:
+    """Parse `--config FILE.yaml` plus `--key value` overrides into the stage's dataclasses.
+
+    With check_paths=False, local inputs need not exist yet (e.g. the output of an earlier stage).
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    config_path, cli_args = pop_flag(args, "--config", "a path to a recipe YAML file")
+    chosen, cli_args = pop_flag(cli_args, "--stage", "a stage kind")
+    if chosen not in (None, stage):
+        raise RecipeError(f"--stage {chosen!r}: this run parses a {stage!r} recipe")
+    dataclass_types = stage_types(stage)
+    where = config_path or "command line"
+
+    recipe, lines = load_recipe_file(config_path) if config_path else ({}, {})
+    apply_env(recipe.pop("env", None), where)
+    recipe, problems = check_recipe(recipe, dataclass_types, lines)
+    if problems:
+        raise RecipeError(format_problems(where, problems))
+
+    from trl import TrlParser
+
+    class _Parser(TrlParser):
+        def error(self, message: str) -> typing.NoReturn:  # argparse would print a 200-option usage text
+            raise RecipeError(f"{where}: {message}")
+
+    parser = _Parser(dataclass_types)
+    parser.set_defaults_with_config(**recipe)
+    # TRL's configs default the deprecated `gradient_checkpointing` alias to True, so transformers
+    # warns on every run whatever the recipe says; the recipe's `activation_checkpointing` decides.
+    warnings.filterwarnings(
+        "ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning
+    )
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=cli_args, return_remaining_strings=True)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f"{where}: {error}") from None
+    if unknown:
+        names = field_names(dataclass_types)
+        flags = [arg for arg in unknown if arg.startswith("--")] or unknown
+        raise RecipeError(
+            "unknown command-line argument(s): "
+            + "; ".join(f"{flag}{did_you_mean(flag.lstrip('-').split('=')[0], names)}" for flag in flags)
+        )
+    from trellis.train.arguments import check_semantics  # (imports TRL's ModelConfig)
+
+    problems = check_semantics(parsed) + (check_local_paths(parsed) if check_paths else [])
+    if problems:
+        raise RecipeError(format_problems(where, problems))
+    return tuple(parsed)
+
+
+def validate_recipe_file(path: str, stage: str | None = None, check_paths: bool = True) -> str:
+    """Parse a stage recipe exactly as its script would, without training. Returns the stage name."""
+    import torch
+
+    stage = stage or stage_of_recipe(path)
+    # A GPU recipe (bf16) must validate on a machine without one, so validation runs it as if on CPU.
+    trains = "use_cpu" in field_names(stage_types(stage))  # the data stage has no device
+    on_cpu = ["--use_cpu", "true"] if trains and not torch.cuda.is_available() else []
+    parse_recipe(stage, ["--config", path, *on_cpu], check_paths)
+    return stage
+
+
+def stage_of_recipe(path: str) -> str:
+    """The stage a recipe file is for, from its name: sft.yaml, sft_lora.yaml, sft-qlora.yaml -> sft."""
+    stem = Path(path).stem.replace("-", "_").split("_")[0]
+    if stem not in RECIPE_KINDS:
+        raise RecipeError(
+            f"{path}: cannot tell the stage from the file name; name it <stage>[_variant].yaml or pass "
+            f"--stage (one of: {', '.join(RECIPE_KINDS)})"
+        )
+    return stem
+
+
+def stage_from_command_line(script_stage: str, args: list[str] | None = None) -> str:
+    """The stage kind a script shared by several kinds runs (dpo.py: dpo, kto, orpo): `--stage KIND`, else
+    the kind the recipe's file name starts with (kto.yaml, kto_lora.yaml), else the script's own."""
+    args = list(sys.argv[1:] if args is None else args)
+    kinds = kinds_of_script(stage_kind(script_stage).script)
+    chosen, rest = pop_flag(args, "--stage", f"one of: {', '.join(kinds)}")
+    if chosen is None:
+        config, _ = pop_flag(rest, "--config", "a path to a recipe YAML file")
+        named = Path(config).stem.replace("-", "_").split("_")[0] if config else None
+        return named if named in kinds else script_stage
+    if chosen not in kinds:
+        raise RecipeError(
+            f"--stage {chosen!r}: this script runs {', '.join(kinds)}{did_you_mean(chosen, kinds)}"
+        )
+    return chosen

@@ -1,0 +1,1 @@
+"""The small core every wing uses: errors, reading recipes strictly, run records."""

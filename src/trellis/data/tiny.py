@@ -1,0 +1,222 @@
+"""The tiny default: a generated world small enough to learn on a CPU in minutes, with held-out checks.
+
+A seeded world of people (each with a city, a favourite colour and a pet) and small sums gives:
+- a pretraining corpus of templated sentences stating every fact (and held-out documents for perplexity);
+- SFT conversations asking about the facts; the facts are split, so held-out questions ask about facts
+  the SFT data never shows (a model can only answer them from what pretraining taught it);
+- preference pairs: the correct, well-formed answer against a wrong, rude or rambling one;
+- prompts for online RL, and an exact-match question/answer set for evaluation.
+Every stage thus has a metric on held-out data that it should move. Same seed, same files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from trellis.data.chat import CHATML_TOKENS
+from trellis.data.tokenizer import train_bpe_tokenizer
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_VOCAB_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    values: tuple[str, ...]
+    statements: tuple[str, ...]  # ways the corpus states the fact
+    questions: tuple[str, ...]  # ways a user asks about it
+    answer: str  # the one well-formed answer
+
+
+ATTRIBUTES = (
+    Attribute(
+        "city",
+        ("Oslo", "Lima", "Cairo", "Quito", "Perth", "Dakar", "Hanoi", "Rome"),
+        (
+            "{person} lives in {value}.",
+            "The home of {person} is in {value}.",
+            "{person} has a house in {value}.",
+        ),
+        ("Where does {person} live?", "In which city does {person} live?"),
+        "{person} lives in {value}.",
+    ),
+    Attribute(
+        "color",
+        ("red", "blue", "green", "yellow", "purple", "orange", "black", "white"),
+        (
+            "{person} likes the color {value}.",
+            "The favorite color of {person} is {value}.",
+            "{person} always wears {value}.",
+        ),
+        ("What color does {person} like?", "What is the favorite color of {person}?"),
+        "{person} likes {value}.",
+    ),
+    Attribute(
+        "pet",
+        ("cat", "dog", "fox", "owl", "frog", "horse", "goat", "parrot"),
+        (
+            "{person} has a pet {value}.",
+            "The pet of {person} is a {value}.",
+            "{person} takes care of a {value}.",
+        ),
+        ("What pet does {person} have?", "Which animal does {person} keep?"),
+        "{person} has a {value}.",
+    ),
+)
+SUM_STATEMENTS = ("{a} plus {b} is {c}.", "{a} + {b} = {c}.", "If you add {a} and {b} you get {c}.")
+SUM_QUESTION = "What is {a} plus {b}?"
+SUM_ANSWER = "{a} plus {b} is {c}."
+RUDE_ANSWERS = ("I will not tell you that.", "Ask someone else.", "That is a boring question.")
+RAMBLE = "Well, that is a long story, and I could talk about it all day, but in the end"
+_SYLLABLES = ("ka", "lo", "mi", "ra", "zu", "te", "no", "vi", "sa", "pe", "du", "fi", "go", "ha", "ri", "be")
+
+
+@dataclass(frozen=True)
+class Fact:
+    prompt: str  # a question
+    answer: str  # the well-formed answer sentence
+    value: str  # the fact itself (what exact match checks)
+    wrong_answer: str  # the same sentence with a wrong value
+
+
+def _person_names(rng: random.Random, count: int) -> list[str]:
+    names: set[str] = set()
+    while len(names) < count:
+        names.add("".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize())
+    return sorted(names)
+
+
+class World:
+    """People with attributes, and sums of single digits; split into seen and held-out facts."""
+
+    def __init__(self, seed: int = 0, people: int = 40, held_out: float = 0.2):
+        self.rng = random.Random(seed)
+        self.people = {
+            name: {attr.name: self.rng.choice(attr.values) for attr in ATTRIBUTES}
+            for name in _person_names(self.rng, people)
+        }
+        keys = [(name, attr.name) for name in self.people for attr in ATTRIBUTES]
+        keys += [(a, b) for a in range(10) for b in range(10)]
+        self.rng.shuffle(keys)
+        cut = int(len(keys) * held_out)
+        self.held_out_keys, self.train_keys = keys[:cut], keys[cut:]
+
+    def documents(self, count: int, rng: random.Random) -> list[str]:
+        """Short documents of facts about one or two people, and a sum or two."""
+        names = list(self.people)
+        docs = []
+        for _ in range(count):
+            sentences = []
+            for name in rng.sample(names, rng.choice((1, 2))):
+                for attr in rng.sample(ATTRIBUTES, rng.choice((2, 3))):
+                    sentences.append(
+                        rng.choice(attr.statements).format(person=name, value=self.people[name][attr.name])
+                    )
+            for _ in range(rng.choice((0, 1, 2))):
+                a, b = rng.randrange(10), rng.randrange(10)
+                sentences.append(rng.choice(SUM_STATEMENTS).format(a=a, b=b, c=a + b))
+            rng.shuffle(sentences)
+            docs.append(" ".join(sentences))
+        return docs
+
+    def facts(self, keys: list[tuple]) -> list[Fact]:
+        """Every question form of each fact in `keys`."""
+        facts = []
+        for key in keys:
+            if isinstance(key[0], int):
+                a, b = key
+                wrong = (a + b + self.rng.choice((1, 2, 3))) % 19
+                facts.append(
+                    Fact(
+                        SUM_QUESTION.format(a=a, b=b),
+                        SUM_ANSWER.format(a=a, b=b, c=a + b),
+                        str(a + b),
+                        SUM_ANSWER.format(a=a, b=b, c=wrong),
+                    )
+                )
+                continue
+            name, attr_name = key
+            attr = next(attr for attr in ATTRIBUTES if attr.name == attr_name)
+            value = self.people[name][attr_name]
+            wrong = self.rng.choice([v for v in attr.values if v != value])
+            for question in attr.questions:
+                facts.append(
+                    Fact(
+                        question.format(person=name),
+                        attr.answer.format(person=name, value=value),
+                        value,
+                        attr.answer.format(person=name, value=wrong),
+                    )
+                )
+        return facts
+
+    def rejected(self, fact: Fact) -> str:
+        """A worse reply: wrong, rude or rambling, in equal shares."""
+        kind = self.rng.randrange(3)
+        if kind == 0:
+            return fact.wrong_answer
+        if kind == 1:
+            return self.rng.choice(RUDE_ANSWERS)
+        return f"{RAMBLE}, {fact.answer}"
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def write_tiny_data(output_dir: str | Path, seed: int = 0) -> Path:
+    """Generate every tiny dataset and the tiny tokenizer under output_dir (about a second)."""
+    out = Path(output_dir)
+    world = World(seed)
+    train_facts, held_out_facts = world.facts(world.train_keys), world.facts(world.held_out_keys)
+    doc_rng = random.Random(seed + 1)
+
+    corpus_train = world.documents(3000, doc_rng)
+    _write_jsonl(out / "corpus" / "train.jsonl", [{"text": doc} for doc in corpus_train])
+    _write_jsonl(
+        out / "corpus" / "validation.jsonl", [{"text": doc} for doc in world.documents(300, doc_rng)]
+    )
+    for split, facts in (("train", train_facts), ("test", held_out_facts)):
+        _write_jsonl(
+            out / "sft" / f"{split}.jsonl",
+            [{"messages": _user(f.prompt) + _assistant(f.answer)} for f in facts],
+        )
+        _write_jsonl(
+            out / "preferences" / f"{split}.jsonl",
+            [
+                {
+                    "prompt": _user(f.prompt),
+                    "chosen": _assistant(f.answer),
+                    "rejected": _assistant(world.rejected(f)),
+                }
+                for f in facts
+            ],
+        )
+        _write_jsonl(out / "prompts" / f"{split}.jsonl", [{"prompt": _user(f.prompt)} for f in facts])
+    _write_jsonl(
+        out / "eval" / "qa.jsonl",
+        [{"question": f.prompt, "answer": f.value, "target": f.answer} for f in held_out_facts],
+    )
+
+    tokenizer_texts = [*corpus_train, *(f"{f.prompt} {f.answer}" for f in train_facts), *RUDE_ANSWERS, RAMBLE]
+    tokenizer = train_bpe_tokenizer(tokenizer_texts, TOKENIZER_VOCAB_SIZE, extra_special_tokens=CHATML_TOKENS)
+    tokenizer.save_pretrained(out / "tokenizer")
+    logger.info("Wrote the tiny datasets and tokenizer (%d tokens) to %s", len(tokenizer), out)
+    return out

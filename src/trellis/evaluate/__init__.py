@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval benchmarks, perplexity, comparisons across checkpoints, and gates."""

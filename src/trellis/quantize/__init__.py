@@ -1,0 +1,1 @@
+"""Quantization: quantized variants of a model, measured against the original."""

@@ -1,0 +1,175 @@
+"""What a training recipe says about the model and the stage's data beyond TRL's configs, and the checks
+across keys (what one key requires of another)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import ModelConfig  # a plain dataclass; TRL imports its trainers lazily
+
+from trellis.core.recipe import Problem
+from trellis.data.arguments import ScriptArguments
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's ModelConfig plus what Trellis needs to build, template and save a model."""
+
+    model_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Create the model from scratch from this config: a path to a config.json or an "
+            "inline mapping (with `model_type`). Replaces model_name_or_path."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use, if not the one stored with the model."}
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template: 'chatml', a path to a .jinja file, or the template text. Unset: the "
+            "tokenizer's own, else ChatML."
+        },
+    )
+    merge_adapters: bool = field(
+        default=False,
+        metadata={"help": "With LoRA/QLoRA: merge the adapters into the base weights in the final model."},
+    )
+
+
+@dataclass
+class SFTScriptArguments(ScriptArguments):
+    """SFT's data plus how its loss computes the LM head (trellis.lm_head_loss)."""
+
+    unchunked_loss_max_mib: float = field(
+        default=0.0,
+        metadata={
+            "help": "With loss_type chunked_nll (TRL's default): compute the logits of a batch's loss tokens in "
+            "one piece, not recomputed in the backward pass, when they take at most this many MiB in float32; "
+            "larger batches still go through TRL's 256-token chunks. Same loss; faster where vocabularies or "
+            "completions are small. 0: always chunk, as TRL does."
+        },
+    )
+
+
+@dataclass
+class PPOScriptArguments(ScriptArguments):
+    """PPO's data (prompts) plus the value model, which TRL's PPOConfig has no key for."""
+
+    value_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sequence-classification model that initialises the value head. Unset: the reward model."
+        },
+    )
+
+
+@dataclass
+class OnlineRLScriptArguments(ScriptArguments):
+    """GRPO's and RLOO's data (prompts) plus the reward model they optimise, which their TRL configs lack."""
+
+    reward_model_path: str = field(
+        default="",
+        metadata={"help": "The reward stage's output: a sequence-classification model with one output."},
+    )
+
+    def recipe_problems(self) -> list[Problem]:
+        if not self.reward_model_path:
+            return [
+                Problem(
+                    "reward_model_path",
+                    "required: the reward model to optimise (scripts/reward.py's output_dir)",
+                )
+            ]
+        return []
+
+
+def _find(parsed: list[Any], attribute: str) -> Any:
+    return next((obj for obj in parsed if hasattr(obj, attribute)), None)
+
+
+def check_semantics(parsed: list[Any]) -> list[Problem]:
+    """Checks across keys: what one key requires of another."""
+    problems: list[Problem] = []
+    script = next((obj for obj in parsed if isinstance(obj, ScriptArguments)), None)
+    model = next((obj for obj in parsed if isinstance(obj, ModelArguments)), None)
+    training = _find(parsed, "output_dir")
+
+    if model is not None:
+        if bool(model.model_name_or_path) == bool(model.model_config):
+            problems.append(
+                Problem(
+                    "model_name_or_path",
+                    "set exactly one of 'model_name_or_path' (a Hub id or "
+                    "local model directory) or 'model_config' (to train from scratch)",
+                )
+            )
+        reads_packed_data = (
+            _find(parsed, "dataset_path") is not None
+        )  # pretraining: the data stage's tokenizer
+        if reads_packed_data and model.tokenizer_name_or_path:
+            problems.append(
+                Problem(
+                    "tokenizer_name_or_path",
+                    "pretraining uses the tokenizer the data stage "
+                    "packed with (dataset_path/tokenizer); remove this key",
+                )
+            )
+        if model.model_config and not model.tokenizer_name_or_path and not reads_packed_data:
+            problems.append(
+                Problem(
+                    "tokenizer_name_or_path",
+                    "a model built from 'model_config' needs a tokenizer: set 'tokenizer_name_or_path'",
+                )
+            )
+        if model.model_config and model.use_peft:
+            problems.append(
+                Problem(
+                    "use_peft",
+                    "LoRA adapters need pretrained base weights: set "
+                    "'model_name_or_path' instead of 'model_config'",
+                )
+            )
+        if (model.load_in_4bit or model.load_in_8bit) and not model.use_peft:
+            problems.append(
+                Problem(
+                    "load_in_4bit" if model.load_in_4bit else "load_in_8bit",
+                    "quantized base weights cannot be trained directly: set 'use_peft: true' (QLoRA)",
+                )
+            )
+        if model.load_in_4bit and model.load_in_8bit:
+            problems.append(Problem("load_in_4bit", "choose one of 'load_in_4bit' and 'load_in_8bit'"))
+        if model.merge_adapters and not model.use_peft:
+            problems.append(Problem("merge_adapters", "only applies with 'use_peft: true'"))
+
+    if script is not None:
+        if not script.datasets:
+            problems.append(
+                Problem(
+                    "datasets",
+                    "required: list the training data, e.g.\n"
+                    "      datasets:\n        - path: data/train.jsonl",
+                )
+            )
+        for key in ("datasets", "eval_datasets"):
+            for index, source in enumerate(getattr(script, key)):
+                if source.weight <= 0:
+                    problems.append(Problem(f"{key}[{index}].weight", f"must be > 0, got {source.weight}"))
+        evaluates = (
+            training is not None
+            and str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no"
+        )
+        if evaluates and not (script.eval_datasets or script.test_split_size):
+            problems.append(
+                Problem(
+                    "eval_strategy",
+                    "evaluation is on but the recipe has no held-out data: set "
+                    "'eval_datasets' or 'test_split_size' (or eval_strategy: 'no')",
+                )
+            )
+    for obj in parsed:  # a stage's own dataclass may check its keys against each other
+        if hasattr(obj, "recipe_problems"):
+            problems += obj.recipe_problems()
+    return problems
