@@ -17,7 +17,6 @@ import os
 import sys
 import types
 import typing
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,11 +318,6 @@ def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = 
 
     parser = _Parser(dataclass_types)
     parser.set_defaults_with_config(**recipe)
-    # TRL's configs default the deprecated `gradient_checkpointing` alias to True, so transformers
-    # warns on every run whatever the recipe says; the recipe's `activation_checkpointing` decides.
-    warnings.filterwarnings(
-        "ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning
-    )
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=cli_args, return_remaining_strings=True)
     except (ValueError, TypeError) as error:
