@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import sys
 import typing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,11 +208,6 @@ def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = 
 
     parser = _Parser(dataclass_types)
     parser.set_defaults_with_config(**recipe)
-    # TRL's configs default the deprecated `gradient_checkpointing` alias to True, so transformers
-    # warns on every run whatever the recipe says; the recipe's `activation_checkpointing` decides.
-    warnings.filterwarnings(
-        "ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning
-    )
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=cli_args, return_remaining_strings=True)
     except (ValueError, TypeError) as error:
