@@ -21,47 +21,47 @@ def main() -> None:
 
     from trellis.core.run_record import RunRecord
     from trellis.evaluate import evaluation
-    from trellis.quantize import quantization
+    from trellis.quantize import measurement, results, variants
     from trellis.train.run import setup_logging
 
     state = PartialState()
     if state.num_processes > 1:
-        raise quantization.QuantizationError(
+        raise variants.QuantizationError(
             "quantization runs in one process: launch it with --num_processes 1 (one GPU is enough)"
         )
     setup_logging()
-    quantization.check_input(args)
+    variants.check_input(args)
     if any(variant.method == "gptq" for variant in args.variants):
-        quantization.check_group_sizes(args, quantization.quantized_layer_widths(args))
-    eval_args = args.eval_arguments(quantization.checkpoints(args))
+        variants.check_group_sizes(args, variants.quantized_layer_widths(args))
+    eval_args = args.eval_arguments(variants.checkpoints(args))
     manager = evaluation.task_manager(eval_args) if args.tasks else None
     if manager is not None:
         evaluation.check_tasks(eval_args, manager)
 
     with RunRecord("quantize", args.output_dir, {"quantize": args}) as record:
-        record.set_input("model", quantization.input_fingerprint(args))
-        tokenizer = quantization.load_tokenizer(args)
-        to_make = [v for v in args.variants if not quantization.is_complete(args, v)]
+        record.set_input("model", variants.input_fingerprint(args))
+        tokenizer = variants.load_tokenizer(args)
+        to_make = [v for v in args.variants if not variants.is_complete(args, v)]
         for variant in (v for v in args.variants if v not in to_make):
-            quantization.logger.info("Variant %r is complete with these settings; kept", variant.name)
+            variants.logger.info("Variant %r is complete with these settings; kept", variant.name)
         calibration = None
         if any(v.method == "gptq" for v in to_make):
-            calibration = quantization.calibration_data(args, tokenizer)
+            calibration = variants.calibration_data(args, tokenizer)
         for variant in to_make:
-            quantization.quantize_variant(args, variant, tokenizer, calibration)
+            variants.quantize_variant(args, variant, tokenizer, calibration)
 
         results = {}
-        for checkpoint in quantization.checkpoints(args):
-            result = quantization.measure(args, checkpoint, tokenizer, manager)
+        for checkpoint in variants.checkpoints(args):
+            result = measurement.measure(args, checkpoint, tokenizer, manager)
             record.set_metrics(checkpoint.name, {**result["metrics"], **result["resources"]})
             results[checkpoint.name] = result
-        report = quantization.build_report(args, results)
-        quantization.write_report(args.output_dir, report)
-        quantization.write_model_cards(args, report)
+        report = results.build_report(args, results)
+        results.write_report(args.output_dir, report)
+        results.write_model_cards(args, report)
         record.data["best_variant"] = report["best"]
 
         if args.push_to_hub:
-            quantization.push_to_hub(args)
+            results.push_to_hub(args)
 
 
 if __name__ == "__main__":

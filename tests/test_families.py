@@ -38,7 +38,7 @@ from trl.chat_template_utils import get_training_chat_template, has_generation_m
 from trellis.core.run_record import read_record
 from trellis.data.chat import PreflightError
 from trellis.pipeline.spec import load_pipeline
-from trellis.quantize import quantization
+from trellis.quantize import results, variants
 from trellis.quantize.arguments import QuantizeArguments
 from trellis.stages import STAGES, parse_recipe
 
@@ -257,7 +257,7 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
         if stage == "quantize":  # every variant made, and GPTQ with the recipe's settings
             calibration_starts_with_one_bos(record, Path(paths["model_name_or_path"]))
             out = Path(paths["output_dir"])
-            report = json.loads((out / quantization.REPORT_JSON).read_text())
+            report = json.loads((out / results.REPORT_JSON).read_text())
             assert list(report["checkpoints"]) == ["original", *(v["name"] for v in values["variants"])]
             for variant in (v for v in values["variants"] if v["method"] == "gptq"):
                 saved = json.loads((out / variant["name"] / "config.json").read_text())["quantization_config"]
@@ -281,7 +281,7 @@ def calibration_starts_with_one_bos(record: dict, model: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     args = QuantizeArguments(**record["config"]["quantize"])
-    for sample in quantization.calibration_data(args, tokenizer):
+    for sample in variants.calibration_data(args, tokenizer):
         ids = sample["input_ids"][0].tolist()
         assert ids[:2] != [tokenizer.bos_token_id] * 2, tokenizer.convert_ids_to_tokens(ids[:3])
 
@@ -336,14 +336,14 @@ def test_quantize_group_sizes_fit_the_real_model(fam: Family, tmp_path):
     recipe = REPO / "recipes" / fam.name / "quantize.yaml"
     argv = ["--config", str(recipe), "--model_name_or_path", str(tmp_path)]
     (args,) = parse_recipe("quantize", argv, check_paths=False)
-    widths = quantization.quantized_layer_widths(args)
+    widths = variants.quantized_layer_widths(args)
     assert {fam.config["hidden_size"], fam.config["intermediate_size"]} <= set(widths.values())
     assert any(variant.method == "gptq" for variant in args.variants)
-    quantization.check_group_sizes(args, widths)
+    variants.check_group_sizes(args, widths)
     if any(width % 128 for width in widths.values()):  # SmolLM2 135M/360M (576, 960): the check can fail
         args.variants = [dataclasses.replace(v, group_size=128) for v in args.variants if v.method == "gptq"]
-        with pytest.raises(quantization.QuantizationError, match="does not divide"):
-            quantization.check_group_sizes(args, widths)
+        with pytest.raises(variants.QuantizationError, match="does not divide"):
+            variants.check_group_sizes(args, widths)
 
 
 def num_processes(accelerate_config: str) -> int:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_recipe
 
+from trellis.core.hub import files_to_upload
 from trellis.core.run_record import read_record
-from trellis.pipeline.publish import files_to_upload
 from trellis.pipeline.runner import PIPELINE_RUN, run_pipeline
 from trellis.pipeline.spec import PipelineError, load_pipeline
 

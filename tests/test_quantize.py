@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trellis.core.recipe import RecipeError
 from trellis.core.run_record import read_record
-from trellis.quantize import quantization
+from trellis.quantize import results, variants
 from trellis.stages import parse_recipe
 
 # 4-bit perplexity bound, measured on this model (perplexity 4.09): GPTQ 4-bit +0.08%, NF4 -0.17% (8-bit
@@ -105,7 +105,7 @@ def expected_weight_bytes(model_dir: Path, bits: int) -> int:
 @pytest.mark.slow
 def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, quantized):
     recipe, out = quantized
-    report = json.loads((out / quantization.REPORT_JSON).read_text())
+    report = json.loads((out / results.REPORT_JSON).read_text())
     rows = report["checkpoints"]
     assert list(rows) == ["original", "gptq-4bit", "gptq-8bit", "bnb-8bit", "bnb-nf4", "torchao-int8"]
     perplexity = {name: row["metrics"]["tiny_corpus.perplexity"] for name, row in rows.items()}
@@ -135,12 +135,12 @@ def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, q
         assert row["tokens_per_second"] > 0 and row["load_memory_bytes"] > 0
         assert 0 <= row["metrics"]["tiny_preference.acc"] <= 1
 
-    table = (out / quantization.REPORT_MARKDOWN).read_text()
+    table = (out / results.REPORT_MARKDOWN).read_text()
     assert (
         f"| **{report['best']}** ★ |" in table
         and "| bnb-nf4 | bitsandbytes 4-bit, nf4 double-quant |" in table
     )
-    assert (out / quantization.PLOT).read_bytes()[:4] == b"\x89PNG"
+    assert (out / results.PLOT).read_bytes()[:4] == b"\x89PNG"
     record = read_record(str(out))
     assert record["status"] == "complete" and record["best_variant"] == report["best"]
     assert record["metrics"]["bnb-8bit"]["tiny_corpus.perplexity"] == perplexity["bnb-8bit"]
@@ -181,7 +181,7 @@ def test_rerun_keeps_complete_variants_and_publishes_each(workdir, quantized, mo
     recipe, out = quantized
     monkeypatch.chdir(workdir)  # the recipe's data paths are relative to it
     (args,) = parse_recipe("quantize", ["--config", str(recipe)])
-    assert all(quantization.is_complete(args, variant) for variant in args.variants)
+    assert all(variants.is_complete(args, variant) for variant in args.variants)
     # Run again: every variant is kept as it is and every checkpoint's measurement is reused.
     # (each variant's model card, README.md, is rewritten from the report: the weights and config are not)
     variant_files = [
@@ -200,7 +200,7 @@ def test_rerun_keeps_complete_variants_and_publishes_each(workdir, quantized, mo
     changed_files = [p.name for p, t in zip(variant_files, written, strict=True) if p.stat().st_mtime_ns != t]
     assert changed_files == [], changed_files
     (changed,) = parse_recipe("quantize", ["--config", str(recipe), "--calibration_samples", "8"])
-    assert [quantization.is_complete(changed, v) for v in changed.variants] == [
+    assert [variants.is_complete(changed, v) for v in changed.variants] == [
         v.method != "gptq" for v in changed.variants
     ]
     assert not any(out.glob("*.partial"))
@@ -208,7 +208,7 @@ def test_rerun_keeps_complete_variants_and_publishes_each(workdir, quantized, mo
     (publish,) = parse_recipe(
         "quantize", ["--config", str(recipe), "--push_to_hub", "true", "--hub_model_id", "me/tiny"]
     )
-    uploads = quantization.hub_uploads(publish)
+    uploads = results.hub_uploads(publish)
     assert [repo for repo, _ in uploads] == [f"me/tiny-{v.name}" for v in publish.variants]
     for _, folder in uploads:  # what would be uploaded: safetensors weights, no pickles, a card
         names = {f.name for f in folder.iterdir()}
@@ -233,15 +233,15 @@ def test_group_size_must_fit_the_layer_widths(tmp_path):
         "variants:\n  - {name: g128, method: gptq, bits: 4}\n  - {name: nf4, method: bitsandbytes, bits: 4}\n",
     )
     (args,) = parse_recipe("quantize", ["--config", str(recipe)])
-    widths = quantization.quantized_layer_widths(args)
+    widths = variants.quantized_layer_widths(args)
     assert sorted(set(widths.values())) == [96, 256]
     with pytest.raises(
-        quantization.QuantizationError,
+        variants.QuantizationError,
         match=r"'g128': group_size 128 does not divide.*Use a group size that divides them all \(32\)",
     ):
-        quantization.check_group_sizes(args, widths)
+        variants.check_group_sizes(args, widths)
     args.variants[0].group_size = 32
-    quantization.check_group_sizes(args, widths)
+    variants.check_group_sizes(args, widths)
 
 
 def test_recipe_mistakes_are_named(tmp_path):

@@ -8,6 +8,7 @@ import logging
 import re
 from pathlib import Path
 
+from trellis.core import hub
 from trellis.core.tables import markdown_table, number
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def eval_results(metrics: dict[str, float], task_sources: dict[str, str]):
 
 def model_card(model_name: str, metrics: dict[str, float], task_sources: dict[str, str], table: str):
     """A model card whose metadata carries the candidate's results in the `model-index` format."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     data = ModelCardData(
         model_name=model_name,
@@ -130,8 +131,9 @@ def model_card(model_name: str, metrics: dict[str, float], task_sources: dict[st
         tags=["trellis"],
         library_name="transformers",
     )
-    body = f"# {model_name}\n\n## Evaluation\n\nMeasured by the Trellis evaluation stage.\n\n{table}"
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    return hub.model_card(
+        data, model_name, {"Evaluation": f"Measured by the Trellis evaluation stage.\n\n{table}"}
+    )
 
 
 def update_checkpoint_card(directory: str, card) -> None:

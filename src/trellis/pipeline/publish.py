@@ -13,86 +13,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from trellis.core import hub
 from trellis.core.errors import TrellisError
+from trellis.core.hub import CARD, upload_model
 from trellis.core.recipe import looks_like_local_path
 from trellis.core.run_record import RunRecord, git_commit, read_record, redact
 from trellis.core.tables import markdown_table, number
-from trellis.evaluate.comparison import RESULTS_JSON, markdown, model_card
+from trellis.evaluate import comparison
+from trellis.evaluate.comparison import RESULTS_JSON, markdown
 from trellis.pipeline.report import stage_metrics
 from trellis.pipeline.spec import PUBLISH, Pipeline, Stage, ancestry, is_within
 from trellis.stages import STAGES
 
 logger = logging.getLogger("trellis")
 PLAN = "upload_plan.json"
-CARD = "README.md"
-# Not published: training checkpoints and logs, pickles (safetensors only), the folder's own card (replaced).
-_SKIPPED_DIRS = re.compile(r"^(checkpoint-\d+|runs|\..*)$")
-_SKIPPED_FILES = re.compile(r"^(README\.md|.*\.(bin|pt|pth|pkl|pickle|tmp))$")
-
-
-def files_to_upload(folder: str) -> list[str]:
-    """The files of a model directory that are published, relative to it, sorted."""
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not _SKIPPED_DIRS.match(d))
-        for name in names:
-            if not _SKIPPED_FILES.match(name):
-                files.append(os.path.relpath(os.path.join(root, name), folder))
-    return sorted(files)
-
-
-def publish(
-    folder: str,
-    repo_id: str,
-    card: str,
-    private: bool = True,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    dry_run: bool = False,
-    api: Any = None,
-) -> dict:
-    """Upload the model directory (and the card as README.md) in one commit; return the upload plan."""
-    files = files_to_upload(folder)
-    plan = {
-        "repo_id": repo_id,
-        "repo_type": "model",
-        "private": private,
-        "revision": revision or "main",
-        "commit_message": commit_message
-        or f"Upload {os.path.basename(os.path.normpath(folder))} with Trellis",
-        "folder": folder,
-        "files": sorted([*files, CARD]),
-        "dry_run": dry_run,
-    }
-    if dry_run:
-        logger.info(
-            "Dry run: would upload %d files to %s (%s)", len(plan["files"]), repo_id, plan["revision"]
-        )
-        return plan
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    api = api or HfApi()  # the token: HF_TOKEN or the saved login, read by huggingface_hub itself
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    if plan["revision"] != "main":
-        api.create_branch(repo_id, repo_type="model", branch=plan["revision"], exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f)) for f in files]
-    operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()))
-    info = api.create_commit(
-        repo_id,
-        operations,
-        commit_message=plan["commit_message"],
-        revision=plan["revision"],
-        repo_type="model",
-    )
-    plan["commit_url"] = str(getattr(info, "commit_url", info))
-    logger.info("Published %s to %s", folder, plan["commit_url"])
-    return plan
-
-
 # --- the model card -------------------------------------------------------------------------------------------
 
 
@@ -129,41 +68,49 @@ def eval_results(folder: str, eval_dir: str | None, pipeline: Pipeline) -> tuple
 
 def card_for(folder: str, options: dict, pipeline: Pipeline, state: dict) -> str:
     """The model card: evaluation results (model-index), base model, data, lineage and exact recipes."""
-    import yaml
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     name = options["repo_id"].split("/")[-1]
     made_by = producer(folder, pipeline)
     lineage = ancestry(made_by, pipeline) if made_by else []
-    evaluated = eval_results(folder, options.get("eval"), pipeline)
-    if evaluated:
+    data = ModelCardData(model_name=name, tags=["trellis"], library_name="transformers")
+    evaluation = "No evaluation stage scored this model."
+    if evaluated := eval_results(folder, options.get("eval"), pipeline):
         column, metrics, sources, table = evaluated
-        card = model_card(name, metrics, sources, table)
-        card.text = card.text.replace(
-            "## Evaluation\n", f"## Evaluation\n\nThis model is column `{column}`.\n", 1
-        )
-    else:
-        card = ModelCard(
-            f"---\n{ModelCardData(model_name=name, tags=['trellis'], library_name='transformers').to_yaml()}\n---\n\n# {name}\n\n## Evaluation\n\nNo evaluation stage scored this model.\n"
+        data.eval_results = comparison.eval_results(metrics, sources)
+        evaluation = (
+            f"This model is column `{column}`.\n\nMeasured by the Trellis evaluation stage.\n\n{table}"
         )
 
     training = [s for s in lineage if STAGES[s.kind].trains]
     start = training[0].resolved if training else {}
     base = start.get("model_name_or_path")
     if base and not looks_like_local_path(base):
-        card.data.base_model = base
-    base_text = f"`{base}`" if base else f"trained from scratch (model config `{start.get('model_config')}`)"
-    datasets = []
-    for stage in lineage:
-        for source in (stage.resolved.get("datasets") or []) + (stage.resolved.get("eval_datasets") or []):
-            if isinstance(source, dict) and source.get("path"):
-                datasets.append(f"- `{source['path']}` ({stage.name})")
-    hub_datasets = sorted(
-        {line.split("`")[1] for line in datasets if not looks_like_local_path(line.split("`")[1])}
-    )
-    if hub_datasets:
-        card.data.datasets = hub_datasets
+        data.base_model = base
+    sources = [
+        (source["path"], stage.name)
+        for stage in lineage
+        for source in (stage.resolved.get("datasets") or []) + (stage.resolved.get("eval_datasets") or [])
+        if isinstance(source, dict) and source.get("path")
+    ]
+    data.datasets = sorted({path for path, _ in sources if not looks_like_local_path(path)}) or None
+    sections = {
+        "Evaluation": evaluation,
+        "Base model": f"`{base}`"
+        if base
+        else f"trained from scratch (model config `{start.get('model_config')}`)",
+        "Training data": "\n".join(f"- `{path}` ({stage})" for path, stage in sources) or "-",
+        "Lineage": _lineage(lineage, pipeline, state),
+        "Recipes": "The exact recipe of each stage (overrides and references resolved):\n\n"
+        + "\n\n".join(
+            f"### {s.name}\n\n```yaml\n{yaml.safe_dump(s.resolved, sort_keys=False)}```" for s in lineage
+        ),
+    }
+    return str(hub.model_card(data, name, sections))
 
+
+def _lineage(lineage: list[Stage], pipeline: Pipeline, state: dict) -> str:
+    """Each stage that made the model: its recipe, config and run record hashes and held-out target."""
     commit = (state.get("git") or git_commit() or {}).get("commit", "unknown")
     rows = []
     for stage in lineage:
@@ -177,16 +124,10 @@ def card_for(folder: str, options: dict, pipeline: Pipeline, state: dict) -> str
         hashes = (f"`{entry.get(key, '-')}`" for key in ("config_hash", "record_hash"))
         rows.append([stage.name, stage.kind, f"`{stage.recipe}`", *hashes, target])
     header = ["stage", "kind", "recipe", "config hash", "run record", "held-out target"]
-    recipes = "\n\n".join(
-        f"### {s.name}\n\n```yaml\n{yaml.safe_dump(s.resolved, sort_keys=False)}```" for s in lineage
-    )
-    card.text += (
-        f"\n## Base model\n\n{base_text}\n\n## Training data\n\n" + ("\n".join(datasets) or "-") + "\n\n"
-        f"## Lineage\n\nMade by the Trellis pipeline `{pipeline.path}` at commit `{commit}`, stage by stage:\n\n"
+    return (
+        f"Made by the Trellis pipeline `{pipeline.path}` at commit `{commit}`, stage by stage:\n\n"
         + markdown_table(header, rows)
-        + f"\n\n## Recipes\n\nThe exact recipe of each stage (overrides and references resolved):\n\n{recipes}\n"
     )
-    return card.content
 
 
 def publish_from_pipeline(stage: Stage, pipeline: Pipeline, state: dict, api: Any = None) -> dict:
@@ -211,10 +152,10 @@ def publish_from_pipeline(stage: Stage, pipeline: Pipeline, state: dict, api: An
         api=api,
     )
     if stage.kind != PUBLISH:
-        return _write_plan(out, card, publish(**arguments))
+        return _write_plan(out, card, upload_model(**arguments))
     with RunRecord(PUBLISH, str(out), {}) as run:
         run.data["config"] = {"publish": redact(options)}
-        plan = _write_plan(out, card, publish(**arguments))
+        plan = _write_plan(out, card, upload_model(**arguments))
         run.set_input("model", record_of(folder))
         run.data["plan"] = plan
     return plan

@@ -10,7 +10,10 @@ from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
-from trellis.core.run_record import RunRecord, checkpoints_by_step
+from trellis.core.hub import model_card, upload_model
+from trellis.core.recipe import looks_like_local_path
+from trellis.core.run_record import RunRecord, checkpoints_by_step, read_record
+from trellis.core.tables import markdown_table, number
 from trellis.train import throughput
 from trellis.train.models import merge_adapters
 
@@ -137,23 +140,52 @@ def save_model_directory(trainer, output_dir: str, final: bool = False) -> None:
 
     With FSDP the full weights are gathered onto the main process, which writes them (the Trainer's
     save_model writes no weights at all with a sharded state dict). DeepSpeed ZeRO-3 weights are
-    gathered by the Trainer (`zero3_save_16bit_model: true`). The `final` model is also pushed to the
-    Hub when the recipe says push_to_hub.
+    gathered by the Trainer (`zero3_save_16bit_model: true`). The `final` model is also uploaded to the
+    Hub (trellis.core.hub) when the recipe says push_to_hub.
     """
     if trainer.is_fsdp_enabled:
         state_dict = trainer.accelerator.get_state_dict(
             trainer.model
         )  # collective; empty off the main process
         trainer._save(output_dir, state_dict=_cloned_keeping_ties(state_dict, trainer.model))
-        if final and trainer.args.push_to_hub:
-            trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
     else:
-        trainer.save_model(output_dir, _internal_call=not final)
+        trainer.save_model(output_dir, _internal_call=True)  # (the Trainer's own push is not ours)
     if trainer.accelerator.is_main_process:
         # The Trainer also pickles its arguments; the run record holds them, and we ship no pickles.
         pickled_args = os.path.join(output_dir, "training_args.bin")
         if os.path.exists(pickled_args):
             os.remove(pickled_args)
+        if final and trainer.args.push_to_hub:
+            push_final_model(trainer.args, output_dir)
+
+
+def push_final_model(args, output_dir: str, api=None) -> dict:
+    """Upload a training stage's final model to `hub_model_id` (default: the output directory's name), with
+    a card naming the stage, its base model and its held-out metrics. Private unless the recipe sets
+    `hub_private_repo: false`."""
+    from huggingface_hub import ModelCardData
+
+    record = read_record(output_dir) or {}
+    stage = record.get("stage", "training")
+    base = ((record.get("config") or {}).get("model") or {}).get("model_name_or_path")
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
+    data = ModelCardData(tags=["trellis", stage], library_name="transformers")
+    if base and not looks_like_local_path(base):
+        data.base_model = base
+    metrics = (record.get("metrics") or {}).get("eval", {})
+    sections = {
+        "Held-out metrics": markdown_table(["metric", "value"], [[k, number(v)] for k, v in metrics.items()])
+    }
+    summary = (
+        f"Trained by the Trellis `{stage}` stage from `{base}`."
+        if base
+        else f"Trained by the Trellis `{stage}` stage."
+    )
+    card = model_card(data, repo_id.split("/")[-1], sections if metrics else {}, summary)
+    private = args.hub_private_repo is not False
+    return upload_model(
+        output_dir, repo_id, str(card), private, args.hub_revision, f"Trellis {stage} stage", api=api
+    )
 
 
 def _cloned_keeping_ties(state_dict: dict, model) -> dict:
