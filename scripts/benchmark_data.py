@@ -148,7 +148,7 @@ def main() -> None:
     import datasets
 
     from trellis.core.run_record import RunRecord
-    from trellis.data import corpus
+    from trellis.data import corpus, packing
     from trellis.stages import parse_recipe
 
     logging.basicConfig(
@@ -190,11 +190,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.output_dir, corpus.TOKENIZER_DIR))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.output_dir, packing.TOKENIZER_DIR))
     raw = corpus.load_corpus(args)
     start = time.perf_counter()
     raw.map(
-        corpus._tokenize_batch,
+        packing.tokenize_batch,
         fn_kwargs={"tokenizer": tokenizer},
         remove_columns=raw.column_names,
         num_proc=options.num_proc if options.num_proc > 1 else None,

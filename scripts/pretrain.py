@@ -16,7 +16,7 @@ from trellis.stages import parse_recipe
 def main() -> None:
     pretrain_args, training_args, model_args = parse_recipe("pretrain")
 
-    from trellis.data.corpus import load_packed
+    from trellis.data.packing import load_packed
     from trellis.data.sources import fingerprints
     from trellis.train import models, pretraining
     from trellis.train.distributed import check_distributed_setup, shard_layout

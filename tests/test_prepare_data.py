@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, run_script, write_recipe
 
 from trellis.core.run_record import read_record
-from trellis.data.corpus import load_packed, pack_blocks, tokenize_and_pack
+from trellis.data.packing import load_packed, pack_blocks, tokenize_and_pack
 from trellis.data.sources import DataError
 
 TINY_RECIPE = "recipes/tiny/data.yaml"

@@ -1,6 +1,6 @@
 """The data stage: raw text -> cleaned, filtered, deduplicated, decontaminated, tokenized, packed.
 
-Output contract (read by the pretraining stage through `load_packed`):
+Output contract (read by the pretraining stage through trellis.data.packing.load_packed):
 
     <output_dir>/packed/       datasets.DatasetDict (save_to_disk), splits train and validation, one
                                column `input_ids`: blocks of exactly block_size tokens, documents
@@ -32,19 +32,17 @@ from trellis.core.run_record import config_dict, read_record
 from trellis.core.tables import markdown_table
 from trellis.data import dedup, text_quality
 from trellis.data.arguments import DataArguments, DatasetSource
+from trellis.data.packing import PACKED_DIR, TOKENIZER_DIR, build_tokenizer, compression, tokenize_and_pack
 from trellis.data.sources import DataError, apply_weight, load_source
-from trellis.data.tokenizer import train_bpe_tokenizer
 
 logger = logging.getLogger("trellis")
 
-PACKED_DIR = "packed"
-TOKENIZER_DIR = "tokenizer"
 REPORT_JSON = "data_report.json"
 REPORT_MD = "data_report.md"
 _EXAMPLE_CHARS = 300
 _COMPRESSION_SAMPLE = 2000  # held-out documents the tokenizer's compression is measured on
 # Code whose change must invalidate a cached result.
-_CODE_FILES = ("corpus.py", "dedup.py", "text_quality.py", "tokenizer.py", "sources.py")
+_CODE_FILES = ("corpus.py", "packing.py", "dedup.py", "text_quality.py", "tokenizer.py", "sources.py")
 
 
 # --- caching ------------------------------------------------------------------------------------
@@ -106,24 +104,6 @@ def clear_outputs(output_dir: str) -> None:
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     for name in (REPORT_JSON, REPORT_MD):
         Path(output_dir, name).unlink(missing_ok=True)
-
-
-def load_packed(output_dir: str):
-    """The packed `DatasetDict` (train, validation; column input_ids) and tokenizer of a data stage."""
-    import datasets
-    from transformers import AutoTokenizer
-
-    record = read_record(output_dir) or {}
-    if record.get("stage") != "data" or record.get("status") != "complete":
-        raise DataError(
-            f"{output_dir}: not a complete data-stage output (run record status: "
-            f"{record.get('status', 'missing')}); run scripts/prepare_data.py with its recipe first"
-        )
-    packed = datasets.load_from_disk(os.path.join(output_dir, PACKED_DIR))
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(output_dir, TOKENIZER_DIR))
-    if tokenizer.pad_token is None:  # e.g. Llama 3: tokenize_and_pack filled the last block with EOS
-        tokenizer.pad_token = tokenizer.eos_token
-    return packed, tokenizer
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -314,21 +294,38 @@ class _Texts:
 
 def prepare(args: DataArguments, num_proc: int, record) -> Report:
     """Run every step, write packed/, tokenizer/ and the report to output_dir; return the report."""
-    import datasets
-
     report = Report()
     map_kwargs = {"num_proc": num_proc if num_proc > 1 else None, "batched": True, "batch_size": 256}
-
     with report.step("load", None) as step:
         corpus = load_corpus(args)
         step.update(documents_out=len(corpus), bytes_out=utf8_bytes(corpus))
     record.set_input("documents", len(corpus))
+    corpus = _clean(corpus, args, report, map_kwargs)
+    corpus = _filter(corpus, args, report, map_kwargs)
+    if args.exact_dedup:
+        corpus = _exact_dedup(corpus, args, report, map_kwargs)
+    if args.decontamination_datasets:
+        corpus = _decontaminate(corpus, args, report, map_kwargs)
+    if args.near_dedup:
+        corpus = _near_dedup(corpus, args, report, map_kwargs)
+    documents = _split(corpus, args, report)
+    tokenizer = _tokenizer(documents, args, report)
+    _tokenize_and_pack(documents, tokenizer, args, report, map_kwargs)
+    report.write(args.output_dir)
+    return report
 
+
+def _clean(corpus, args: DataArguments, report: Report, map_kwargs: dict):
+    """Unicode normalisation, whitespace, PII redaction (counted)."""
     with report.step("clean", corpus) as step:
         corpus = corpus.map(_clean_batch, fn_kwargs={"args": args}, desc="Cleaning", **map_kwargs)
         step.update(documents_out=len(corpus), pii_redacted=int(np.sum(corpus["pii_redacted"])))
         corpus = corpus.remove_columns("pii_redacted")
+    return corpus
 
+
+def _filter(corpus, args: DataArguments, report: Report, map_kwargs: dict):
+    """The quality, repetition, language and blocklist filters; removed documents counted per reason, with examples."""
     with report.step("filter", corpus) as step:
         corpus = corpus.map(_filter_batch, fn_kwargs={"args": args}, desc="Filtering", **map_kwargs)
         reasons = corpus["reason"]
@@ -338,62 +335,77 @@ def prepare(args: DataArguments, num_proc: int, record) -> Report:
         step.update(documents_out=len(corpus), words_out=_words(corpus))
         report.details["filters"] = removed
         _ensure_documents(corpus, "filter", {k: v["removed"] for k, v in removed.items()})
+    return corpus
 
-    if args.exact_dedup:
-        with report.step("exact_dedup", corpus) as step:
-            hashes = corpus.map(_exact_hash_batch, desc="Hashing", **map_kwargs)["exact_hash"]
-            _, first = np.unique(np.asarray(hashes, dtype=np.int64), return_index=True)
-            corpus = corpus.select(np.sort(first))
-            step.update(documents_out=len(corpus), words_out=_words(corpus))
 
-    if args.decontamination_datasets:
-        with report.step("decontaminate", corpus) as step:
-            eval_records = [row for source in args.decontamination_datasets for row in load_source(source)]
-            eval_hashes = dedup.eval_ngrams(eval_records, args.decontamination_ngram)
-            flags = corpus.map(
-                _contaminated_batch,
-                fn_kwargs={"eval_hashes": eval_hashes, "n": args.decontamination_ngram},
-                desc="Decontaminating",
-                **map_kwargs,
-            )["contaminated"]
-            leaked = np.flatnonzero(flags)
-            examples = [_example(corpus[int(i)]["text"]) for i in leaked[: args.report_examples]]
-            corpus = corpus.select(np.flatnonzero(~np.asarray(flags, dtype=bool)))
-            step.update(documents_out=len(corpus), words_out=_words(corpus))
-            report.details["decontamination"] = {
-                "eval_records": len(eval_records),
-                "eval_ngrams": int(eval_hashes.size),
-                "removed": int(leaked.size),
-                "examples": examples,
-            }
-            _ensure_documents(corpus, "decontaminate", {"contaminated": int(leaked.size)})
+def _exact_dedup(corpus, args: DataArguments, report: Report, map_kwargs: dict):
+    """Keep the first of documents with the same normalised text."""
+    with report.step("exact_dedup", corpus) as step:
+        hashes = corpus.map(_exact_hash_batch, desc="Hashing", **map_kwargs)["exact_hash"]
+        _, first = np.unique(np.asarray(hashes, dtype=np.int64), return_index=True)
+        corpus = corpus.select(np.sort(first))
+        step.update(documents_out=len(corpus), words_out=_words(corpus))
+    return corpus
 
-    if args.near_dedup:
-        with report.step("near_dedup", corpus) as step:
-            hasher = dedup.MinHasher(args.minhash_num_perm, args.minhash_ngram, args.seed)
-            signed = corpus.map(_minhash_batch, fn_kwargs={"hasher": hasher}, desc="MinHash", **map_kwargs)
-            signatures = np.asarray(signed.with_format("numpy")[:]["minhash"], dtype=np.uint32)
-            clusters = dedup.near_duplicate_clusters(
-                signatures,
-                args.minhash_bands,
-                args.minhash_rows,
-                args.minhash_threshold,
-                texts=_Texts(corpus),
-                ngram=args.minhash_ngram,
-            )
-            duplicates = sorted(i for members in clusters for i in members[1:])
-            keep = np.setdiff1d(np.arange(len(corpus)), np.asarray(duplicates, dtype=np.int64))
-            report.details["near_duplicates"] = {
-                "clusters": len(clusters),
-                "removed": len(duplicates),
-                "largest_cluster": max((len(c) for c in clusters), default=0),
-                "examples": [
-                    [_example(corpus[i]["text"]) for i in members[:2]]
-                    for members in clusters[: args.report_examples]
-                ],
-            }
-            corpus = corpus.select(keep)
-            step.update(documents_out=len(corpus), words_out=_words(corpus), clusters=len(clusters))
+
+def _decontaminate(corpus, args: DataArguments, report: Report, map_kwargs: dict):
+    """Drop documents sharing an n-gram with the evaluation sets."""
+    with report.step("decontaminate", corpus) as step:
+        eval_records = [row for source in args.decontamination_datasets for row in load_source(source)]
+        eval_hashes = dedup.eval_ngrams(eval_records, args.decontamination_ngram)
+        flags = corpus.map(
+            _contaminated_batch,
+            fn_kwargs={"eval_hashes": eval_hashes, "n": args.decontamination_ngram},
+            desc="Decontaminating",
+            **map_kwargs,
+        )["contaminated"]
+        leaked = np.flatnonzero(flags)
+        examples = [_example(corpus[int(i)]["text"]) for i in leaked[: args.report_examples]]
+        corpus = corpus.select(np.flatnonzero(~np.asarray(flags, dtype=bool)))
+        step.update(documents_out=len(corpus), words_out=_words(corpus))
+        report.details["decontamination"] = {
+            "eval_records": len(eval_records),
+            "eval_ngrams": int(eval_hashes.size),
+            "removed": int(leaked.size),
+            "examples": examples,
+        }
+        _ensure_documents(corpus, "decontaminate", {"contaminated": int(leaked.size)})
+    return corpus
+
+
+def _near_dedup(corpus, args: DataArguments, report: Report, map_kwargs: dict):
+    """MinHash + LSH clusters of near-duplicates, verified by Jaccard; keep one per cluster."""
+    with report.step("near_dedup", corpus) as step:
+        hasher = dedup.MinHasher(args.minhash_num_perm, args.minhash_ngram, args.seed)
+        signed = corpus.map(_minhash_batch, fn_kwargs={"hasher": hasher}, desc="MinHash", **map_kwargs)
+        signatures = np.asarray(signed.with_format("numpy")[:]["minhash"], dtype=np.uint32)
+        clusters = dedup.near_duplicate_clusters(
+            signatures,
+            args.minhash_bands,
+            args.minhash_rows,
+            args.minhash_threshold,
+            texts=_Texts(corpus),
+            ngram=args.minhash_ngram,
+        )
+        duplicates = sorted(i for members in clusters for i in members[1:])
+        keep = np.setdiff1d(np.arange(len(corpus)), np.asarray(duplicates, dtype=np.int64))
+        report.details["near_duplicates"] = {
+            "clusters": len(clusters),
+            "removed": len(duplicates),
+            "largest_cluster": max((len(c) for c in clusters), default=0),
+            "examples": [
+                [_example(corpus[i]["text"]) for i in members[:2]]
+                for members in clusters[: args.report_examples]
+            ],
+        }
+        corpus = corpus.select(keep)
+        step.update(documents_out=len(corpus), words_out=_words(corpus), clusters=len(clusters))
+    return corpus
+
+
+def _split(corpus, args: DataArguments, report: Report):
+    """Hold out validation documents."""
+    import datasets
 
     with report.step("split", corpus) as step:
         size = args.validation_fraction
@@ -406,7 +418,11 @@ def prepare(args: DataArguments, num_proc: int, record) -> Report:
         split = corpus.train_test_split(test_size=size, seed=args.seed)
         documents = datasets.DatasetDict(train=split["train"], validation=split["test"])
         step.update(documents_out=len(corpus), train=len(documents["train"]), validation=size)
+    return documents
 
+
+def _tokenizer(documents, args: DataArguments, report: Report):
+    """The base model's tokenizer or one trained on the training documents, saved, with its compression on held-out text."""
     with report.step("tokenizer", documents["train"]) as step:
         tokenizer = build_tokenizer(args, documents["train"])
         tokenizer.save_pretrained(os.path.join(args.output_dir, TOKENIZER_DIR))
@@ -416,107 +432,13 @@ def prepare(args: DataArguments, num_proc: int, record) -> Report:
         stats["trained"] = args.tokenizer_name_or_path is None
         step.update(documents_out=len(documents["train"]), **stats)
         report.details["tokenizer"] = stats
+    return tokenizer
 
+
+def _tokenize_and_pack(documents, tokenizer, args: DataArguments, report: Report, map_kwargs: dict):
+    """Tokenize every document and pack each split into blocks; save them."""
     with report.step("tokenize_and_pack", documents["train"]) as step:
         packed, pack_stats = tokenize_and_pack(documents, tokenizer, args.block_size, map_kwargs)
         packed.save_to_disk(os.path.join(args.output_dir, PACKED_DIR))
         step.update(documents_out=len(documents["train"]) + len(documents["validation"]), **pack_stats)
         report.details["packed"] = pack_stats
-    report.write(args.output_dir)
-    return report
-
-
-def build_tokenizer(args: DataArguments, train):
-    """The base model's tokenizer, or a byte-level BPE tokenizer trained on the cleaned corpus."""
-    if args.tokenizer_name_or_path:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
-        if tokenizer.eos_token_id is None:
-            raise DataError(
-                f"tokenizer {args.tokenizer_name_or_path!r} has no EOS token, which separates packed "
-                f"documents; choose a tokenizer with one, or unset tokenizer_name_or_path to train one"
-            )
-        return tokenizer
-    count = min(len(train), args.tokenizer_train_documents or len(train))
-
-    def texts():
-        for batch in train.select(range(count)).iter(batch_size=1000):
-            yield from batch["text"]
-
-    return train_bpe_tokenizer(texts(), args.tokenizer_vocab_size, args.tokenizer_special_tokens)
-
-
-def compression(tokenizer, texts: list[str]) -> dict[str, float]:
-    """Characters and UTF-8 bytes per token on held-out documents (higher compresses better)."""
-    tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    characters = sum(len(t) for t in texts)
-    utf8_bytes = sum(len(t.encode()) for t in texts)
-    return {
-        "heldout_documents": len(texts),
-        "heldout_tokens": tokens,
-        "characters_per_token": round(characters / max(tokens, 1), 4),
-        "bytes_per_token": round(utf8_bytes / max(tokens, 1), 4),
-    }
-
-
-def _tokenize_batch(batch: dict, tokenizer) -> dict:
-    eos = tokenizer.eos_token_id
-    ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-    return {"input_ids": [[*row, eos] for row in ids]}
-
-
-def pack_blocks(token_chunks, block_size: int, pad_id: int) -> tuple[np.ndarray, int]:
-    """Cut a stream of token arrays into rows of block_size; the last row is filled with pad_id.
-
-    Every token appears exactly once, in order; returns the blocks and the number of pad tokens.
-    """
-    rows, carry = [], np.zeros(0, dtype=np.int64)
-    for chunk in token_chunks:
-        flat = np.concatenate([carry, np.asarray(chunk, dtype=np.int64)])
-        full = len(flat) // block_size * block_size
-        rows.append(flat[:full].reshape(-1, block_size))
-        carry = flat[full:]
-    padding = 0
-    if carry.size:
-        padding = block_size - carry.size
-        rows.append(np.concatenate([carry, np.full(padding, pad_id, dtype=np.int64)]).reshape(1, block_size))
-    blocks = np.concatenate(rows) if rows else np.zeros((0, block_size), dtype=np.int64)
-    return blocks, padding
-
-
-def _flat_tokens(tokenized) -> Iterator[np.ndarray]:
-    import pyarrow.compute as pc
-
-    for chunk in tokenized.flatten_indices().data.column("input_ids").chunks:
-        yield pc.list_flatten(chunk).to_numpy()
-
-
-def tokenize_and_pack(documents, tokenizer, block_size: int, map_kwargs: dict):
-    """Tokenize every document (EOS after each) and pack each split into blocks of block_size."""
-    import datasets
-    import pyarrow as pa
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    splits, stats = {}, {"block_size": block_size}
-    for name, split in documents.items():
-        tokenized = split.map(
-            _tokenize_batch,
-            fn_kwargs={"tokenizer": tokenizer},
-            remove_columns=split.column_names,
-            desc=f"Tokenizing {name}",
-            **map_kwargs,
-        )
-        blocks, padding = pack_blocks(_flat_tokens(tokenized), block_size, pad_id)
-        dtype = pa.int32() if len(tokenizer) < 2**31 else pa.int64()
-        values = pa.array(blocks.ravel(), type=dtype)
-        offsets = pa.array(np.arange(0, len(values) + 1, block_size, dtype=np.int32))
-        table = pa.Table.from_arrays([pa.ListArray.from_arrays(offsets, values)], names=["input_ids"])
-        splits[name] = datasets.Dataset(table)
-        stats[name] = {
-            "documents": len(split),
-            "tokens": int(blocks.size - padding),
-            "blocks": int(len(blocks)),
-            "padding_tokens": int(padding),
-        }
-    return datasets.DatasetDict(splits), stats

@@ -147,7 +147,7 @@ def write_synthetic_corpus(
     from transformers import PreTrainedTokenizerFast
 
     from trellis.core.run_record import RunRecord
-    from trellis.data.corpus import PACKED_DIR, TOKENIZER_DIR
+    from trellis.data.packing import PACKED_DIR, TOKENIZER_DIR
 
     vocab = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, vocab_size)}}
     tokenizer = PreTrainedTokenizerFast(
