@@ -229,7 +229,10 @@ def _check_value(value: Any, hint: Any, spec: dataclasses.Field | None = None) -
 
 
 def _fit(value: Any, hint: Any) -> _Ok | str | None:
-    """_Ok(value) if it fits, a message for a bad enum choice, None for a type mismatch."""
+    """_Ok(value) if it fits, a message for a bad enum choice, None for a type mismatch.
+
+    One branch per kind of type hint the TRL and transformers configs use (kept together: it is a dispatch
+    table, and each branch is a few lines)."""
     if hint is Any or hint is object or isinstance(hint, (str, typing.TypeVar)):
         return _Ok(value)
     origin, args = typing.get_origin(hint), typing.get_args(hint)

@@ -160,8 +160,9 @@ class EvalArguments:
     def recipe_problems(self) -> list[Problem]:
         """Cross-key checks. Checkpoint paths are checked when the stage starts, because a pipeline's
         earlier stages create them."""
-        from trellis.evaluate.gates import GateError, parse_gate
+        return self._checkpoint_problems() + self._measurement_problems()
 
+    def _checkpoint_problems(self) -> list[Problem]:
         problems: list[Problem] = []
         if not self.checkpoints:
             problems.append(
@@ -196,6 +197,13 @@ class EvalArguments:
                         key, f"{value!r} is not a checkpoint name{did_you_mean(value, names)}; names: {names}"
                     )
                 )
+        return problems
+
+    def _measurement_problems(self) -> list[Problem]:
+        """The tasks, perplexity sets, gates and limit."""
+        from trellis.evaluate.gates import GateError, parse_gate
+
+        problems: list[Problem] = []
         if not self.tasks and not self.perplexity:
             problems.append(
                 Problem("tasks", "nothing to evaluate: list lm-eval 'tasks' or 'perplexity' sets")

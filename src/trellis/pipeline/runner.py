@@ -24,6 +24,7 @@ from trellis.pipeline.plan import (
     record_hash,
     shown,
 )
+from trellis.pipeline.publish import publish_from_pipeline
 from trellis.pipeline.spec import PUBLISH, Pipeline, PipelineError, Stage, load_pipeline, write_yaml
 
 PIPELINE_RUN = "pipeline_run.json"
@@ -136,57 +137,32 @@ def run_stage(
     if forced and action == "skip":
         action = "run"
     position = f"[{stage.index + 1}/{len(pipeline.stages)}] {stage.name}"
-    entry = state["stages"].setdefault(stage.name, {})
     if action == "skip":
         _say(f"\n==== {position}: up to date (same config and inputs), skipped ====")
-        entry["last_action"] = "skipped"
+        state["stages"].setdefault(stage.name, {})["last_action"] = "skipped"
         save_state(pipeline, state)
         return
     if action == "run" and os.path.exists(stage.output_dir):
         _say(f"{stage.output_dir}: config or inputs changed since it was made; starting it afresh")
         shutil.rmtree(stage.output_dir)
     argv = None if stage.kind == PUBLISH else command(stage, pipeline)
-    log = pipeline.log_path(stage)
-    entry.clear()
-    entry.update(
-        stage=stage.kind,
-        recipe=stage.recipe,
-        resolved_recipe=None if stage.kind == PUBLISH else str(pipeline.resolved_recipe_path(stage)),
-        output_dir=stage.output_dir,
-        depends_on=stage.depends_on,
-        command=shown(argv)
-        if argv
-        else f"publish {stage.publish.get('model')} -> {stage.publish.get('repo_id')}",
-        log=str(log),
-        config_hash=config_hash(stage, pipeline),
-        inputs=input_fingerprints(stage, pipeline),
-        status="running",
-        last_action="resumed" if action == "resume" else "ran",
-        started_at=_now(),
-    )
+    entry = state["stages"][stage.name] = _running_entry(stage, pipeline, action, argv)
     save_state(pipeline, state)
-    _say(
-        f"\n==== {position} ({stage.kind}){' resuming' if action == 'resume' else ''} ====\n$ {entry['command']}\nlog: {log}"
-    )
+    resuming = " resuming" if action == "resume" else ""
+    _say(f"\n==== {position} ({stage.kind}){resuming} ====\n$ {entry['command']}\nlog: {entry['log']}")
     start = time.monotonic()
-    if stage.kind == PUBLISH:
-        from trellis.pipeline.publish import publish_from_pipeline
-
-        publish_from_pipeline(stage, pipeline, state, api=hub_api)
-    else:
-        returncode = stream(argv, log, {**os.environ, **pipeline.env, **stage.env})
+    if argv:
+        returncode = stream(argv, Path(entry["log"]), {**os.environ, **pipeline.env, **stage.env})
         if returncode != 0:
             entry.update(
                 status="failed", returncode=returncode, duration_s=round(time.monotonic() - start, 1)
             )
             save_state(pipeline, state)
             raise PipelineError(
-                f"stage {stage.name!r} failed (exit code {returncode})\n  command: {entry['command']}\n  log: {log}"
+                f"stage {stage.name!r} failed (exit code {returncode})\n  command: {entry['command']}\n  log: {entry['log']}"
             )
-        if stage.publish:
-            from trellis.pipeline.publish import publish_from_pipeline
-
-            publish_from_pipeline(stage, pipeline, state, api=hub_api)
+    if stage.publish:  # a publish stage, or a stage with push_to_hub
+        publish_from_pipeline(stage, pipeline, state, api=hub_api)
     record = read_record(stage.output_dir) or {}
     entry.update(
         status=record.get("status", "complete"),
@@ -197,6 +173,27 @@ def run_stage(
     )
     save_state(pipeline, state)
     _say(f"==== {stage.name} done in {entry['duration_s']:.0f} s ====")
+
+
+def _running_entry(stage: Stage, pipeline: Pipeline, action: str, argv: list[str] | None) -> dict:
+    """The stage's entry in pipeline_run.json as it starts: what runs, with which config and inputs."""
+    publishing = (
+        f"publish {stage.publish.get('model')} -> {stage.publish.get('repo_id')}" if stage.publish else ""
+    )
+    return dict(
+        stage=stage.kind,
+        recipe=stage.recipe,
+        resolved_recipe=str(pipeline.resolved_recipe_path(stage)) if argv else None,
+        output_dir=stage.output_dir,
+        depends_on=stage.depends_on,
+        command=shown(argv) if argv else publishing,
+        log=str(pipeline.log_path(stage)),
+        config_hash=config_hash(stage, pipeline),
+        inputs=input_fingerprints(stage, pipeline),
+        status="running",
+        last_action="resumed" if action == "resume" else "ran",
+        started_at=_now(),
+    )
 
 
 def stream(argv: list[str], log: Path, env: dict) -> int:

@@ -219,6 +219,31 @@ def model_card(args: QuantizeArguments, variant: QuantVariant, report: dict):
         library_name="transformers",
     )
     settings = markdown_table(["setting", "value"], list(variant.settings().items()))
+    kept = "-" if row["quality_retention"] is None else number(100 * row["quality_retention"])
+    meets = "meets it" if row["meets_threshold"] else "does not meet it"
+    where = f"{args.hub_model_id}-{variant.name}" if args.hub_model_id else str(variant_dir(args, variant))
+    serve = (
+        f"\n\nServe it with vLLM: `vllm serve {where}`, or TGI: `--quantize gptq`."
+        if variant.method == "gptq"
+        else ""
+    )
+    sections = {
+        "Method": f"{_METHOD_TEXT[variant.method]}\n\n{settings}",
+        "Quality and size against the original": (
+            f"Quality kept on `{report['quality_metric']}`: **{kept}%** "
+            f"(threshold {report['min_quality_retention']:.0%}; {meets}).\n\n"
+            + _against_original(row, original)
+        ),
+        "Use": "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{where}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n```{serve}',
+    }
+    summary = f"A quantized version of `{args.model_name_or_path}`, made by the Trellis quantization stage."
+    return hub.model_card(data, variant.name, sections, summary)
+
+
+def _against_original(row: dict, original: dict) -> str:
+    """Two tables: size, load memory and speed, then every metric with the share of quality kept."""
     sizes = [
         [
             "weights on disk (MiB)",
@@ -247,29 +272,11 @@ def model_card(args: QuantizeArguments, variant: QuantVariant, report: dict):
         ]
         for metric, kept in sorted(row["retention"].items())
     ]
-    kept = "-" if row["quality_retention"] is None else number(100 * row["quality_retention"])
-    meets = "meets it" if row["meets_threshold"] else "does not meet it"
-    where = f"{args.hub_model_id}-{variant.name}" if args.hub_model_id else str(variant_dir(args, variant))
-    serve = (
-        f"\n\nServe it with vLLM: `vllm serve {where}`, or TGI: `--quantize gptq`."
-        if variant.method == "gptq"
-        else ""
+    return (
+        markdown_table(["", "original", "this variant", "×"], sizes)
+        + "\n\n"
+        + markdown_table(["metric", "original", "this variant", "quality kept"], quality)
     )
-    sections = {
-        "Method": f"{_METHOD_TEXT[variant.method]}\n\n{settings}",
-        "Quality and size against the original": (
-            f"Quality kept on `{report['quality_metric']}`: **{kept}%** "
-            f"(threshold {report['min_quality_retention']:.0%}; {meets}).\n\n"
-            + markdown_table(["", "original", "this variant", "×"], sizes)
-            + "\n\n"
-            + markdown_table(["metric", "original", "this variant", "quality kept"], quality)
-        ),
-        "Use": "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{where}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n```{serve}',
-    }
-    summary = f"A quantized version of `{args.model_name_or_path}`, made by the Trellis quantization stage."
-    return hub.model_card(data, variant.name, sections, summary)
 
 
 def write_model_cards(args: QuantizeArguments, report: dict) -> None:

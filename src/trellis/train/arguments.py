@@ -92,84 +92,77 @@ def _find(parsed: list[Any], attribute: str) -> Any:
 
 def check_semantics(parsed: list[Any]) -> list[Problem]:
     """Checks across keys: what one key requires of another."""
-    problems: list[Problem] = []
     script = next((obj for obj in parsed if isinstance(obj, ScriptArguments)), None)
     model = next((obj for obj in parsed if isinstance(obj, ModelArguments)), None)
     training = _find(parsed, "output_dir")
-
+    problems = []
     if model is not None:
-        if bool(model.model_name_or_path) == bool(model.model_config):
-            problems.append(
-                Problem(
-                    "model_name_or_path",
-                    "set exactly one of 'model_name_or_path' (a Hub id or "
-                    "local model directory) or 'model_config' (to train from scratch)",
-                )
-            )
-        reads_packed_data = (
-            _find(parsed, "dataset_path") is not None
-        )  # pretraining: the data stage's tokenizer
-        if reads_packed_data and model.tokenizer_name_or_path:
-            problems.append(
-                Problem(
-                    "tokenizer_name_or_path",
-                    "pretraining uses the tokenizer the data stage "
-                    "packed with (dataset_path/tokenizer); remove this key",
-                )
-            )
-        if model.model_config and not model.tokenizer_name_or_path and not reads_packed_data:
-            problems.append(
-                Problem(
-                    "tokenizer_name_or_path",
-                    "a model built from 'model_config' needs a tokenizer: set 'tokenizer_name_or_path'",
-                )
-            )
-        if model.model_config and model.use_peft:
-            problems.append(
-                Problem(
-                    "use_peft",
-                    "LoRA adapters need pretrained base weights: set "
-                    "'model_name_or_path' instead of 'model_config'",
-                )
-            )
-        if (model.load_in_4bit or model.load_in_8bit) and not model.use_peft:
-            problems.append(
-                Problem(
-                    "load_in_4bit" if model.load_in_4bit else "load_in_8bit",
-                    "quantized base weights cannot be trained directly: set 'use_peft: true' (QLoRA)",
-                )
-            )
-        if model.load_in_4bit and model.load_in_8bit:
-            problems.append(Problem("load_in_4bit", "choose one of 'load_in_4bit' and 'load_in_8bit'"))
-        if model.merge_adapters and not model.use_peft:
-            problems.append(Problem("merge_adapters", "only applies with 'use_peft: true'"))
-
+        problems += _model_problems(model, reads_packed_data=_find(parsed, "dataset_path") is not None)
     if script is not None:
-        if not script.datasets:
-            problems.append(
-                Problem(
-                    "datasets",
-                    "required: list the training data, e.g.\n"
-                    "      datasets:\n        - path: data/train.jsonl",
-                )
-            )
-        for key in ("datasets", "eval_datasets"):
-            for index, source in enumerate(getattr(script, key)):
-                if source.weight <= 0:
-                    problems.append(Problem(f"{key}[{index}].weight", f"must be > 0, got {source.weight}"))
-        evaluates = (
-            training is not None
-            and str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no"
-        )
-        if evaluates and not (script.eval_datasets or script.test_split_size):
-            problems.append(
-                Problem(
-                    "eval_strategy",
-                    "evaluation is on but the recipe has no held-out data: set "
-                    "'eval_datasets' or 'test_split_size' (or eval_strategy: 'no')",
-                )
-            )
+        problems += _data_problems(script, training)
     for obj in parsed:  # a stage's own dataclass may check its keys against each other
         if hasattr(obj, "recipe_problems"):
             problems += obj.recipe_problems()
+    return problems
+
+
+def _model_problems(model: ModelArguments, reads_packed_data: bool) -> list[Problem]:
+    """Rules of the model keys; `reads_packed_data`: pretraining, whose tokenizer is the data stage's."""
+    quantized = "load_in_4bit" if model.load_in_4bit else "load_in_8bit"
+    rules = [
+        (
+            bool(model.model_name_or_path) == bool(model.model_config),
+            "model_name_or_path",
+            "set exactly one of 'model_name_or_path' (a Hub id or local model directory) or 'model_config' "
+            "(to train from scratch)",
+        ),
+        (
+            reads_packed_data and model.tokenizer_name_or_path,
+            "tokenizer_name_or_path",
+            "pretraining uses the tokenizer the data stage packed with (dataset_path/tokenizer); remove this key",
+        ),
+        (
+            model.model_config and not model.tokenizer_name_or_path and not reads_packed_data,
+            "tokenizer_name_or_path",
+            "a model built from 'model_config' needs a tokenizer: set 'tokenizer_name_or_path'",
+        ),
+        (
+            model.model_config and model.use_peft,
+            "use_peft",
+            "LoRA adapters need pretrained base weights: set 'model_name_or_path' instead of 'model_config'",
+        ),
+        (
+            (model.load_in_4bit or model.load_in_8bit) and not model.use_peft,
+            quantized,
+            "quantized base weights cannot be trained directly: set 'use_peft: true' (QLoRA)",
+        ),
+        (
+            model.load_in_4bit and model.load_in_8bit,
+            "load_in_4bit",
+            "choose one of 'load_in_4bit' and 'load_in_8bit'",
+        ),
+        (model.merge_adapters and not model.use_peft, "merge_adapters", "only applies with 'use_peft: true'"),
+    ]
+    return [Problem(key, message) for broken, key, message in rules if broken]
+
+
+def _data_problems(script: ScriptArguments, training: Any) -> list[Problem]:
+    """Rules of the data keys, and the held-out data that evaluation during training needs."""
+    problems = []
+    if not script.datasets:
+        example = "e.g.\n      datasets:\n        - path: data/train.jsonl"
+        problems.append(Problem("datasets", f"required: list the training data, {example}"))
+    for key in ("datasets", "eval_datasets"):
+        for index, source in enumerate(getattr(script, key)):
+            if source.weight <= 0:
+                problems.append(Problem(f"{key}[{index}].weight", f"must be > 0, got {source.weight}"))
+    evaluates = (
+        training is not None and str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no"
+    )
+    if evaluates and not (script.eval_datasets or script.test_split_size):
+        message = (
+            "evaluation is on but the recipe has no held-out data: set 'eval_datasets' or 'test_split_size' "
+            "(or eval_strategy: 'no')"
+        )
+        problems.append(Problem("eval_strategy", message))
     return problems

@@ -26,6 +26,8 @@ def compute_small_logits_at_once(trainer, max_mib: float) -> None:
 
     Nothing changes when `max_mib` is 0 or the loss is not `chunked_nll`; models whose head TRL
     treats specially (logit soft-capping or scaling, MoE auxiliary losses) keep TRL's chunks.
+    The replacement forward is a closure over the model TRL patched, kept in one piece so it reads
+    beside TRL's own `chunked_nll` forward, line for line.
     """
     if not max_mib or trainer.args.loss_type != "chunked_nll":
         return
