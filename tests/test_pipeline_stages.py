@@ -10,7 +10,7 @@ from conftest import write_recipe
 
 from trellis.pipeline.runner import run_pipeline
 from trellis.pipeline.spec import load_pipeline
-from trellis.stages import RECIPE_KINDS, STAGES
+from trellis.stages import STAGES, stage_flag
 
 ALIGNMENT = """
 name: align
@@ -33,12 +33,10 @@ stages:
 """
 
 
-def test_every_recipe_kind_names_a_script_and_its_arguments():
-    from conftest import SCRIPTS
-
-    for name in RECIPE_KINDS:
-        assert (SCRIPTS / STAGES[name].script).is_file(), name
+def test_kto_and_orpo_share_dpos_script_and_rloo_grpos():
     assert STAGES["kto"].script == STAGES["orpo"].script == "dpo.py"
+    assert STAGES["rloo"].script == "grpo.py"
+    assert stage_flag("kto") == ["--stage", "kto"] and stage_flag("dpo") == []
 
 
 def test_grpo_rloo_kto_and_orpo_run_as_pipeline_stages(workdir, sft_model, reward_model, monkeypatch):
