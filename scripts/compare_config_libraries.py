@@ -25,6 +25,7 @@ import re
 import sys
 import tempfile
 import textwrap
+import time
 import typing
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from trellis.core.recipe import (
     format_problems,
     load_recipe_file,
 )
+from trellis.core.tables import markdown_table
 from trellis.pipeline import spec
 from trellis.stages import parse_recipe, stage_of_recipe, stage_types
 
@@ -53,6 +55,7 @@ output_dir: /tmp/trellis-compare
 learning_rate: 2.0e-5
 lr_scheduler_type: cosine
 warmup_steps: 10
+max_steps: 100
 model_init_kwargs:
   dtype: float32
 use_cpu: true
@@ -83,6 +86,11 @@ CASES = {
 class Outcome:
     message: str  # the first lines a user sees
     printed: str  # how much is printed: "N lines", or "traceback" for an uncaught exception
+    parsed: tuple = ()  # what TrlParser made of an accepted recipe
+
+    @property
+    def accepted(self) -> bool:
+        return self.message.startswith("(accepted")
 
     def says(self, word: str | None) -> bool:
         return word is not None and word in self.message
@@ -129,14 +137,14 @@ def check_with_trl_parser(path: str) -> Outcome:
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            TrlParser(stage_types("sft")).parse_args_and_config(["--config", path])
+            parsed = TrlParser(stage_types("sft")).parse_args_and_config(["--config", path])
     except SystemExit:  # argparse: the usage text of every option, then "error: ..."
         printed = stderr.getvalue()
         error = [line for line in printed.splitlines() if ": error: " in line]
         return Outcome("\n".join(error), lines_of(printed))
     except Exception as error:  # raised in TrlParser or a dataclass's __init__: the user sees a traceback
         return Outcome(f"{type(error).__name__}: {error}", "traceback")
-    return ACCEPTED
+    return Outcome("(accepted)", "0 lines", tuple(parsed))
 
 
 # --- 1c. pydantic over the same dataclasses: the glue it needs ----------------------------------
@@ -372,8 +380,10 @@ def sources(*objects) -> str:
 # --- the report ------------------------------------------------------------------------------------
 
 
-def yes(flag: bool | None) -> str:
-    return "-" if flag is None else ("yes" if flag else "no")
+def print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
+    """A markdown table; True/False/None cells read yes/no/- (no did-you-mean was expected)."""
+    cells = [[{True: "yes", False: "no", None: "-"}.get(cell, cell) for cell in row] for row in rows]
+    print("\n" + markdown_table(header, cells))
 
 
 def compare_checkers(scratch: Path) -> None:
@@ -412,14 +422,7 @@ def compare_checkers(scratch: Path) -> None:
     print(f"### all {len(CASES)} mistakes in one file: how many does each report?")
     for checker, check in checkers.items():
         print(f"--- {checker}:\n{textwrap.indent(short(check(str(all_mistakes)).message, 14), '    ')}")
-    print("\n| mistake | checker | names its line | names the key | did-you-mean | printed |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print(
-            "| "
-            + " | ".join(yes(cell) if isinstance(cell, bool) or cell is None else cell for cell in row)
-            + " |"
-        )
+    print_table(("mistake", "checker", "names its line", "names the key", "did-you-mean", "printed"), rows)
 
 
 def check_every_recipe() -> None:
@@ -445,6 +448,45 @@ def check_every_recipe() -> None:
                 re.sub(r"^.*?line \d+: |, got .*$| \(did you mean.*$", "", line) for line in found
             )
             print(f"    ... all {len(found)}: {dict(kinds)}")
+    start = time.perf_counter()
+    pydantic_model.__wrapped__(stage_types("sft"))  # uncached
+    print(
+        f"(pydantic: building the SFT stage's model takes {time.perf_counter() - start:.2f} s on this machine)"
+    )
+
+
+# Values whose reading differs between checkers (each replaces one line of BASE); what TrlParser, which
+# builds the dataclasses, finally makes of them is the reference.
+EDGE_VALUES = [  # (line of BASE, its replacement)
+    ("use_cpu: true", "use_cpu: 'yes'"),
+    ("use_cpu: true", "use_cpu: 1"),
+    ("max_steps: 100", "max_steps: 10.0"),
+    ("max_steps: 100", "max_steps: 10.5"),
+    ("max_steps: 100", "max_steps: '10'"),
+    ("model_name_or_path: Qwen/Qwen2.5-0.5B", "model_name_or_path: 2024"),
+    ("learning_rate: 2.0e-5", "learning_rate: 2e-5"),  # YAML 1.1 reads it as a string
+]
+
+
+def compare_edge_values(scratch: Path) -> None:
+    print("\n### values the checkers read differently: accepted (as what) or rejected")
+    rows = []
+    for old, new in EDGE_VALUES:
+        path = scratch / "edge.yaml"
+        path.write_text(BASE.replace(old, new))
+        key = new.split(":")[0]
+        recipe, lines = load_recipe_file(str(path))
+        checked, problems = check_recipe(recipe, stage_types("sft"), lines)
+        trellis_reads = "rejected" if problems else repr(checked[key])
+        found = pydantic_problems(recipe, lines, stage_types("sft"))
+        model = pydantic_model(stage_types("sft")).model_validate(recipe) if not found else None
+        pydantic_reads = "rejected" if found else repr(getattr(model, key))
+        trl = check_with_trl_parser(str(path))
+        trl_reads = (
+            repr(next(getattr(o, key) for o in trl.parsed if hasattr(o, key))) if trl.accepted else "rejected"
+        )
+        rows.append((f"`{new}`", trellis_reads, pydantic_reads, trl_reads))
+    print_table(("value", "Trellis", "pydantic + glue", "TrlParser alone"), rows)
 
 
 def compare_resolvers(scratch: Path) -> None:
@@ -465,17 +507,11 @@ def compare_resolvers(scratch: Path) -> None:
         for resolver, resolve in resolvers.items():
             outcome = resolve(str(path))
             print(f"--- {resolver}:\n{textwrap.indent(short(outcome.message), '    ')}")
-            caught = not outcome.message.startswith("(accepted")
+            caught = not outcome.accepted
             names_line = bool(re.search(rf"\bline {line}\b", outcome.message))
             did_you = f"did you mean {suggestion}" in outcome.message if suggestion else None
             rows.append((name, resolver, caught, names_line, did_you))
-    print("\n| mistake | resolver | caught | names its line | did-you-mean |\n|---|---|---|---|---|")
-    for row in rows:
-        print(
-            "| "
-            + " | ".join(yes(cell) if isinstance(cell, bool) or cell is None else cell for cell in row)
-            + " |"
-        )
+    print_table(("mistake", "resolver", "caught", "names its line", "did-you-mean"), rows)
 
 
 def compare_sizes() -> None:
@@ -489,7 +525,7 @@ def compare_sizes() -> None:
         ("Trellis: `${}` resolver (spec._resolve and its pattern)", code_lines(sources(spec._resolve)) + 1),
         ("TrlParser alone: glue", 0),
         (
-            "pydantic: glue to the bare library (pydantic_model, _narrowed)",
+            "pydantic: glue to the bare library (pydantic_model, _narrowed; 3 lines: as_annotated)",
             this.pydantic_model,
             this._narrowed,
         ),
@@ -514,6 +550,7 @@ def main() -> None:
         print("## 1. The same bad SFT recipe, checked by each")
         compare_checkers(Path(scratch))
         check_every_recipe()
+        compare_edge_values(Path(scratch))
         compare_resolvers(Path(scratch))
     compare_sizes()
 
