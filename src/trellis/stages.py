@@ -10,7 +10,6 @@ recipe: strictly (trellis.core.recipe), into the dataclasses named here.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import typing
 from dataclasses import dataclass
@@ -163,7 +162,9 @@ def stage_types(name: str) -> tuple[type, ...]:
     classes = []
     for spec in stage_kind(name).arguments:
         module, _, attribute = spec.partition(":")
-        classes.append(getattr(importlib.import_module(module), attribute))
+        # __import__ rather than importlib.import_module: a warning the import raises is then attributed
+        # to this module, so trellis.core.console's filters for Trellis's deliberate imports apply.
+        classes.append(getattr(__import__(module, fromlist=[attribute]), attribute))
     return tuple(classes)
 
 
