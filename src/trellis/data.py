@@ -8,16 +8,31 @@ What a record becomes depends on what the stage trains on (its `task`):
 - "unpaired" (KTO): TRL's unpaired `prompt`, `completion` and `label` columns, as they are or from
   preference pairs (in any format the "preference" task reads): chosen -> True, rejected -> False;
 - "prompts" (PPO, GRPO, RLOO): a `prompt` column only.
+
+Real datasets hold records no converter can use (a line of broken UTF-8, an empty reply, a turn
+without a role, an HH pair whose dialogues differ before the last reply). Such a record is dropped and
+counted per reason (BAD_REASONS) with where the first of each reason is and what it looked like; the
+counts go to the log and the run record, and a source with more than `max_bad_record_fraction` of its
+records dropped stops the stage before training. A recipe-level mistake (a format none of the records
+is in) fails as before.
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
+import json
 import logging
+import lzma
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trellis.config import DATASET_FORMATS, DatasetSource, ScriptArguments
 from trellis.errors import TrellisError
@@ -36,8 +51,35 @@ _BUILDERS = {
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 
 
+DEFAULT_MAX_BAD_FRACTION = 0.01  # ScriptArguments.max_bad_record_fraction
+
+
 class DataError(TrellisError):
     """A dataset could not be read or converted."""
+
+
+# Why a record was dropped -> what the log and the error say about it.
+BAD_REASONS = {
+    "not_utf8": "bytes that are not UTF-8",
+    "bad_json": "not a JSON object",
+    "missing_field": "a field of the format missing or null",
+    "wrong_type": "a field of another type than in the other records",
+    "missing_role": "a turn without a known role",
+    "empty_turn": "a turn or answer with no text",
+    "no_reply": "no assistant reply to learn from",
+    "bad_transcript": "not an HH transcript",
+    "dialogues_differ": "chosen and rejected dialogues differ before the last turn",
+    "same_answers": "chosen and rejected answers are the same",
+    "too_long": "dropped by the trainer as longer than max_length",
+}
+
+
+class BadRecord(DataError):
+    """One record a converter cannot use; `reason` is a key of BAD_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
 
 
 # --- converters: one record of a common format -> {"messages": [...]} --------------------------------
@@ -78,11 +120,12 @@ def sharegpt_to_messages(example: dict) -> dict:
         if "role" in turn:  # already {role, content} under a `conversations` key
             messages.append({"role": turn["role"], "content": turn["content"]})
             continue
-        speaker = str(turn["from"]).lower()
+        speaker = str(turn.get("from")).lower()
         if speaker not in _SHAREGPT_ROLES:
-            raise DataError(
-                f"ShareGPT turn has an unknown speaker {turn['from']!r}; known: "
-                f"{', '.join(sorted(_SHAREGPT_ROLES))}"
+            raise BadRecord(
+                "missing_role",
+                f"ShareGPT turn has an unknown speaker {turn.get('from')!r}; known: "
+                f"{', '.join(sorted(_SHAREGPT_ROLES))}",
             )
         messages.append({"role": _SHAREGPT_ROLES[speaker], "content": turn["value"]})
     return {"messages": messages}
@@ -97,8 +140,9 @@ def parse_hh_transcript(text: str) -> list[dict]:
         text = "\n\n" + text.lstrip("\n")
     parts = _HH_TURN.split(text)
     if len(parts) < 3 or parts[0].strip():
-        raise DataError(
-            f"not an HH transcript (expected '\\n\\nHuman: ... \\n\\nAssistant: ...'): {text[:80]!r}"
+        raise BadRecord(
+            "bad_transcript",
+            f"not an HH transcript (expected '\\n\\nHuman: ... \\n\\nAssistant: ...'): {text[:80]!r}",
         )
     roles = {"Human": "user", "Assistant": "assistant"}
     return [
@@ -115,14 +159,13 @@ def hh_to_messages(example: dict) -> dict:
 def hh_to_preference(example: dict) -> dict:
     """Anthropic HH {chosen, rejected} transcripts -> the shared dialogue as `prompt`, the last replies as answers."""
     chosen, rejected = parse_hh_transcript(example["chosen"]), parse_hh_transcript(example["rejected"])
-    if (
-        chosen[-1]["role"] != "assistant"
-        or rejected[-1]["role"] != "assistant"
-        or chosen[:-1] != rejected[:-1]
-    ):
-        raise DataError(
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise BadRecord("no_reply", "an HH transcript of the pair does not end with an Assistant reply")
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRecord(
+            "dialogues_differ",
             "an HH pair must be one dialogue with two different last Assistant replies; got "
-            f"chosen {example['chosen'][:80]!r} and rejected {example['rejected'][:80]!r}"
+            f"chosen {example['chosen'][:80]!r} and rejected {example['rejected'][:80]!r}",
         )
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
@@ -193,16 +236,129 @@ def detect_format(columns: list[str], first: dict) -> str:
     )
 
 
-def convert(dataset, fmt: str, source: str, task: str = "messages"):
-    """Convert a dataset to TRL's columns for the stage's task, keeping only those columns."""
-    if len(dataset) == 0:
+_ROLES = ("system", "user", "assistant", "tool")
+# Converter format -> the fields a record of it needs (a field no record has is a recipe mistake).
+_CONVERTER_FIELDS = {"alpaca": ["instruction", "output"], "sharegpt": ["conversations"], "hh": ["chosen"]}
+
+
+def _check_turns(turns: list, column: str) -> None:
+    for number, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise BadRecord("wrong_type", f"{column} turn {number} is not a mapping: {turn!r:.80}")
+        if turn.get("role") not in _ROLES:
+            raise BadRecord(
+                "missing_role",
+                f"{column} turn {number} has role {turn.get('role')!r}; known: {', '.join(_ROLES)}",
+            )
+        content = turn.get("content")
+        if content is None and not turn.get("tool_calls"):
+            raise BadRecord("missing_field", f"{column} turn {number} ({turn['role']}) has no content")
+        if content is not None and not isinstance(content, str):
+            raise BadRecord("wrong_type", f"{column} turn {number} ({turn['role']}) content is not text")
+        if not (content or "").strip() and not turn.get("tool_calls"):
+            raise BadRecord("empty_turn", f"{column} turn {number} ({turn['role']}) is empty")
+
+
+def _check_value(value: Any, column: str) -> None:
+    """A text or a conversation with text in every turn."""
+    if column == "label":
+        if not isinstance(value, bool):
+            raise BadRecord("wrong_type", f"label is {value!r}, not true or false")
+    elif isinstance(value, str):
+        if not value.strip():
+            raise BadRecord("empty_turn", f"{column} is empty")
+    elif isinstance(value, list):
+        if not value:
+            raise BadRecord("empty_turn", f"{column} has no turns")
+        _check_turns(value, column)
+    else:
+        raise BadRecord("wrong_type", f"{column} is a {type(value).__name__}, not text or a list of turns")
+
+
+def _check_pair(row: dict) -> None:
+    """What a preference pair needs beyond valid turns: one dialogue, two different answers."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise BadRecord("wrong_type", "chosen and rejected are not both texts or both conversations")
+    # A conversational pair without a conversational prompt holds the dialogue in both answers
+    # (UltraFeedback keeps a text copy of the prompt beside them): TRL splits off their shared turns.
+    implicit = isinstance(chosen, list) and not isinstance(row.get("prompt"), list)
+    if implicit:
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise BadRecord("no_reply", "chosen or rejected does not end with an assistant reply")
+        if chosen[:-1] != rejected[:-1]:
+            raise BadRecord("dialogues_differ", "chosen and rejected differ before their last turn")
+        chosen, rejected = chosen[-1], rejected[-1]
+    if chosen == rejected:
+        raise BadRecord("same_answers", "chosen and rejected are the same answer")
+
+
+def check_record(row: dict, task: str) -> None:
+    """Raise BadRecord if a converted record is of no use to the stage's task."""
+    for column, value in row.items():
+        _check_value(value, column)
+    if task == "preference":
+        _check_pair(row)
+    messages = row.get("messages")
+    if messages is not None and not any(turn["role"] == "assistant" for turn in messages):
+        raise BadRecord("no_reply", "the conversation has no assistant turn")
+
+
+@dataclass
+class SourceReport:
+    """What reading one source dropped, per reason: how many, where the first one is, and what it said."""
+
+    source: str
+    read: int = 0
+    kept: int = 0
+    dropped: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, reason: str, where: dict, problem: str, record: Any) -> None:
+        if reason not in self.dropped:
+            example = (
+                record if isinstance(record, str) else json.dumps(record, ensure_ascii=False, default=str)
+            )
+            self.dropped[reason] = {"count": 0, **where, "problem": problem, "example": example[:200]}
+        self.dropped[reason]["count"] += 1
+
+    @property
+    def fraction(self) -> float:
+        return (self.read - self.kept) / self.read if self.read else 0.0
+
+    def lines(self) -> list[str]:
+        lines = []
+        for reason, bad in sorted(self.dropped.items(), key=lambda item: -item[1]["count"]):
+            where = (
+                f"{bad['file']}:{bad['line']}" if "line" in bad else f"{bad['file']} record {bad['record']}"
+            )
+            lines.append(
+                f"  - {reason} ({BAD_REASONS[reason]}): {bad['count']}, first at {where}: {bad['problem']}; "
+                f"the record: {bad['example'][:120]}"
+            )
+        return lines
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "read": self.read, "kept": self.kept, "dropped": self.dropped}
+
+
+def convert_records(records, columns: list[str], fmt: str, source: str, task: str = "messages"):
+    """Convert (file, position, record) triples of one source to the stage's task, record by record.
+
+    A record that cannot be used is dropped and counted in the returned SourceReport; a `BadRecord` in
+    place of the record (a line that is not UTF-8 or JSON) is counted the same way. Returns (converted
+    records, report). A recipe-level mistake (a format or column that no record has) raises DataError.
+    """
+    report = SourceReport(source)
+    records = list(records)
+    if not records:
         raise DataError(f"dataset {source!r} is empty")
+    first = next((record for _, _, record in records if isinstance(record, dict)), {})
     if fmt == "auto":
-        fmt = detect_format(dataset.column_names, dataset[0])
+        fmt = detect_format(columns, first)
     passthrough, converters = _PASSTHROUGH_COLUMNS[task], CONVERTERS[task]
     pair_formats = [*_PASSTHROUGH_COLUMNS["preference"], *CONVERTERS["preference"]]
-    if task == "unpaired" and fmt in pair_formats:
-        return unpair_preferences(convert(dataset, fmt, source, "preference"))
+    if task == "unpaired" and fmt in pair_formats:  # checked as pairs, unpaired by _to_dataset
+        return convert_records(records, columns, fmt, source, "preference")
     if fmt not in passthrough and fmt not in converters:
         accepted = [*passthrough, *converters, *(pair_formats if task == "unpaired" else [])]
         raise DataError(
@@ -211,21 +367,78 @@ def convert(dataset, fmt: str, source: str, task: str = "messages"):
         )
     if fmt in passthrough:
         required, optional = passthrough[fmt]
-        missing = [c for c in required if c not in dataset.column_names]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise DataError(f"dataset {source!r} (format {fmt}) lacks column(s) {missing}; it has {columns}")
+        keep = [*required, *(c for c in optional if c in columns)]
+    else:
+        needed = [*_CONVERTER_FIELDS[fmt], *(["rejected"] if task == "preference" else [])]
+        missing = [c for c in needed if c not in columns]
         if missing:
             raise DataError(
-                f"dataset {source!r} (format {fmt}) lacks column(s) {missing}; it has {dataset.column_names}"
+                f"dataset {source!r} is not in {fmt} format: missing field {missing[0]!r}; it has columns {columns}"
             )
-        return dataset.select_columns([*required, *(c for c in optional if c in dataset.column_names)])
-    try:
-        return dataset.map(
-            converters[fmt], remove_columns=dataset.column_names, desc=f"Converting {source} ({fmt})"
-        )
-    except KeyError as error:
-        raise DataError(
-            f"dataset {source!r} is not in {fmt} format: missing field {error}; it has columns "
-            f"{dataset.column_names}"
-        ) from None
+    kept, kinds = [], {}
+    for file, where, record in records:
+        report.read += 1
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            if not isinstance(record, dict):
+                raise BadRecord("bad_json", f"a JSON {type(record).__name__}, not an object")
+            if fmt in passthrough:
+                absent = [c for c in keep if record.get(c) is None]
+                if absent:
+                    raise BadRecord("missing_field", f"no {absent[0]!r}")
+                row = {c: record[c] for c in keep}
+            else:
+                try:
+                    row = converters[fmt](record)
+                except KeyError as error:
+                    raise BadRecord("missing_field", f"no {error}") from None
+                except (AttributeError, TypeError) as error:
+                    raise BadRecord("wrong_type", f"a field of the wrong type ({error})") from None
+            check_record(row, task)
+            # Arrow keeps one type per column: the first record decides between text and conversation.
+            for column, value in row.items():
+                kind = kinds.setdefault(column, type(value))
+                if type(value) is not kind:
+                    raise BadRecord(
+                        "wrong_type", f"{column} is a {type(value).__name__}, not {kind.__name__}"
+                    )
+        except BadRecord as bad:
+            report.add(bad.reason, {"file": file, **where}, str(bad), record)
+            continue
+        kept.append(row)
+        report.kept += 1
+    return kept, report
+
+
+def _rows_of(dataset, name: str):
+    """A loaded dataset's records as convert_records reads them: (file, position, record)."""
+    return ((name, {"record": index}, row) for index, row in enumerate(dataset))
+
+
+def convert(dataset, fmt: str, source: str, task: str = "messages"):
+    """Convert a dataset to TRL's columns for the stage's task, keeping only those columns.
+
+    Records of no use to the stage are dropped (see convert_records); KTO's pair formats are unpaired.
+    """
+    if len(dataset) == 0:
+        raise DataError(f"dataset {source!r} is empty")
+    rows, report = convert_records(_rows_of(dataset, source), dataset.column_names, fmt, source, task)
+    return _to_dataset(rows, report, task)
+
+
+def _to_dataset(rows: list[dict], report: SourceReport, task: str):
+    import datasets
+
+    if not rows:
+        raise DataError(f"dataset {report.source!r}: no record can be used\n" + "\n".join(report.lines()))
+    dataset = datasets.Dataset.from_list(rows)
+    if task == "unpaired" and "label" not in dataset.column_names:
+        return unpair_preferences(dataset)
+    return dataset
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -282,36 +495,196 @@ def apply_weight(dataset, weight: float, seed: int):
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def load_mixture(sources: list[DatasetSource], seed: int, task: str = "messages"):
-    """Load, convert (for the stage's task) and weight every source, then concatenate them into one dataset."""
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _json_files(source: DatasetSource) -> list[str] | None:
+    """The local JSON (lines) files of a source, which are read record by record; None for other sources."""
+    path = os.path.expanduser(source.path)
+    if not (os.path.isfile(path) or any(ch in path for ch in "*?[")):
+        return None
+    files = sorted(glob.glob(path)) or [path]
+    readable = all(
+        _builder_for(f) == "json" and (Path(f).suffix not in _COMPRESSION or Path(f).suffix in _OPENERS)
+        for f in files
+    )
+    return files if readable else None
+
+
+def _json_records(path: str) -> Iterator[tuple[str, dict, Any]]:
+    """(file, {"line": n}, record) for each JSON line of a file (or each item of a JSON array), with a
+    BadRecord in place of a line that is not UTF-8 or not JSON: one broken line does not hide the others."""
+    with _OPENERS.get(Path(path).suffix, open)(path, "rb") as handle:
+        data = handle.read()
+    if data.lstrip()[:1] == b"[":  # one JSON array, not JSON lines
+        try:
+            items = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"{path}: not a readable JSON array ({error}); write it as JSON lines") from None
+        yield from ((path, {"record": index}, item) for index, item in enumerate(items))
+        return
+    for number, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            detail = f"byte {raw[error.start : error.start + 1]!r} at column {error.start + 1} is not UTF-8"
+            yield path, {"line": number}, BadRecord("not_utf8", detail)
+            continue
+        try:
+            yield path, {"line": number}, json.loads(text)
+        except json.JSONDecodeError as error:
+            yield path, {"line": number}, BadRecord("bad_json", f"not JSON ({error})")
+
+
+def read_source(source: DatasetSource, task: str, max_bad_fraction: float):
+    """Load and convert one source, dropping the records the stage cannot use: (dataset, SourceReport).
+
+    Raises DataError, naming the file, line and an example of each reason, when more than
+    `max_bad_fraction` of the source's records are dropped.
+    """
+    files = _json_files(source)
+    if files is not None:
+        records = [item for path in files for item in _json_records(path)]
+        keys = dict.fromkeys(k for _, _, record in records if isinstance(record, dict) for k in record)
+        rows, report = convert_records(records, list(keys), source.format, source.path, task)
+    else:
+        dataset = load_source(source)
+        if len(dataset) == 0:
+            raise DataError(f"dataset {source.path!r} is empty")
+        if dataset.column_names == ["text"] and dataset.builder_name == "text":
+            dataset = dataset.filter(lambda row: bool(row["text"].strip()))  # blank lines are no records
+        rows, report = convert_records(
+            _rows_of(dataset, source.path), dataset.column_names, source.format, source.path, task
+        )
+    check_fraction(report, max_bad_fraction)
+    return _to_dataset(rows, report, task), report
+
+
+def check_fraction(report: SourceReport, max_bad_fraction: float) -> None:
+    """Log what a source dropped; raise DataError when it is more than `max_bad_fraction` of it."""
+    if not report.dropped:
+        return
+    dropped = report.read - report.kept
+    summary = f"{report.source}: {dropped} of {report.read} records ({report.fraction:.1%}) cannot be used"
+    if report.fraction > max_bad_fraction:
+        raise DataError(
+            f"{summary}, more than max_bad_record_fraction {max_bad_fraction} allows:\n"
+            + "\n".join(report.lines())
+            + "\nFix or remove these records, or raise `max_bad_record_fraction` in the recipe to drop them."
+        )
+    logger.warning("%s; dropped them:\n%s", summary, "\n".join(report.lines()))
+
+
+def _load_mixture(sources: list[DatasetSource], seed: int, task: str, max_bad_fraction: float):
     import datasets
 
-    parts = []
+    parts, reports = [], []
     for source in sources:
         logger.info("Loading dataset %s (split %s, weight %s)", source.path, source.split, source.weight)
-        dataset = convert(load_source(source), source.format, source.path, task)
+        dataset, report = read_source(source, task, max_bad_fraction)
         parts.append(apply_weight(dataset, source.weight, seed))
+        reports.append(report)
     columns = {tuple(sorted(part.column_names)) for part in parts}
     if len(columns) > 1:
         raise DataError(f"the sources of a mixture must share one format; got column sets {sorted(columns)}")
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return (datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]), reports
+
+
+def load_mixture(
+    sources: list[DatasetSource],
+    seed: int,
+    task: str = "messages",
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+):
+    """Load, convert (for the stage's task) and weight every source, then concatenate them into one dataset."""
+    return _load_mixture(sources, seed, task, max_bad_fraction)[0]
+
+
+# The run's receiver of what the data loading dropped (see reporting_bad_records).
+_bad_record_sink: ContextVar[Callable[[dict], None] | None] = ContextVar("bad_record_sink", default=None)
+
+
+@contextmanager
+def reporting_bad_records(sink: Callable[[dict], None]):
+    """Within this block, load_train_eval hands `sink` what it dropped (the run record keeps it)."""
+    token = _bad_record_sink.set(sink)
+    try:
+        yield
+    finally:
+        _bad_record_sink.reset(token)
 
 
 def load_train_eval(script_args: ScriptArguments, seed: int, task: str = "messages"):
     """The stage's data: a `DatasetDict` with `train` and, if the recipe has held-out data, `test`.
 
     `task` is what the stage trains on: "messages" (SFT), "preference" (reward, DPO, ORPO), "unpaired"
-    (KTO) or "prompts" (PPO, GRPO, RLOO).
+    (KTO) or "prompts" (PPO, GRPO, RLOO). Records the stage cannot use are dropped and reported (see
+    read_source) to the run's sink (see reporting_bad_records).
     """
     import datasets
 
-    train = load_mixture(script_args.datasets, seed, task)
+    fraction = script_args.max_bad_record_fraction
+    if not 0 <= fraction <= 1:
+        raise DataError(f"max_bad_record_fraction is {fraction}; set it between 0 and 1 (default 0.01)")
+    train, reports = _load_mixture(script_args.datasets, seed, task, fraction)
+    sources = [{"split": "train", **report.as_dict()} for report in reports]
     if script_args.eval_datasets:
-        return datasets.DatasetDict(train=train, test=load_mixture(script_args.eval_datasets, seed, task))
-    if script_args.test_split_size:
+        test, reports = _load_mixture(script_args.eval_datasets, seed, task, fraction)
+        sources += [{"split": "test", **report.as_dict()} for report in reports]
+        result = datasets.DatasetDict(train=train, test=test)
+    elif script_args.test_split_size:
         size = script_args.test_split_size
-        return train.train_test_split(test_size=int(size) if size >= 1 else size, seed=seed)
-    return datasets.DatasetDict(train=train)
+        result = train.train_test_split(test_size=int(size) if size >= 1 else size, seed=seed)
+    else:
+        result = datasets.DatasetDict(train=train)
+    sink = _bad_record_sink.get()
+    if sink is not None:
+        rows = {split: len(dataset) for split, dataset in result.items()}
+        sink({"max_fraction": fraction, "sources": sources, "rows": rows})
+    return result
+
+
+def check_lengths(trainer, rows: dict[str, int], max_bad_fraction: float) -> dict[str, dict]:
+    """What the trainer dropped or truncated for max_length, per split, from its prepared datasets.
+
+    TRL drops the records it could learn nothing from (SFT: no loss token left after truncation; DPO and
+    KTO: the prompt alone fills max_length; reward: a pair longer than max_length) and truncates the
+    rest; `rows` is how many records each split had before. Raises DataError, before training, when the
+    drops are more than `max_bad_fraction` of a split.
+    """
+    args = trainer.args
+    max_length = getattr(args, "max_length", None)
+    if max_length is None or getattr(args, "packing", False):
+        return {}
+    report = {}
+    for split, dataset in (("train", trainer.train_dataset), ("test", trainer.eval_dataset)):
+        if split not in rows or not hasattr(dataset, "column_names"):
+            continue
+        dropped = rows[split] - len(dataset)
+        answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in dataset.column_names]
+        if "prompt_ids" in dataset.column_names and answers:
+            lengths = zip(*(dataset[c] for c in ["prompt_ids", *answers]), strict=True)
+            truncated = sum(len(prompt) + max(map(len, rest)) > max_length for prompt, *rest in lengths)
+        else:
+            truncated = None  # SFT truncates when it tokenizes: what it cut is gone from its dataset
+        report[split] = {"records": rows[split], "dropped_too_long": dropped, "truncated": truncated}
+        if dropped:
+            share = dropped / rows[split]
+            message = (
+                f"{split}: the trainer drops {dropped} of {rows[split]} records ({share:.1%}) as too long for "
+                f"max_length {max_length} (nothing of the answer would be left to learn from)"
+            )
+            if share > max_bad_fraction:
+                raise DataError(
+                    f"{message}, more than max_bad_record_fraction {max_bad_fraction} allows. Raise max_length, "
+                    "shorten or remove those records, or raise `max_bad_record_fraction`."
+                )
+            logger.warning(message)
+        if truncated:
+            logger.info("%s: %d records are truncated to max_length %d", split, truncated, max_length)
+    return report
 
 
 def fingerprints(dataset_dict) -> dict[str, str]:

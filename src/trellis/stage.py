@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
-from trellis import throughput
+from trellis import data, throughput
 from trellis.models import merge_adapters
 from trellis.run_record import RunRecord, checkpoints_by_step
 
@@ -55,8 +55,16 @@ def start_training_run(stage: str, script_args, training_args, model_args) -> It
         # comes before it reads output_dir, and it would write to ./runs. Name the directory up front.
         os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(training_args.output_dir, "runs")
     configs = {"script": script_args, "model": model_args, "training": training_args}
+
+    def record_bad_records(report: dict) -> None:
+        record.data["bad_records"] = report
+        record.save()
+
     try:
-        with RunRecord(stage, training_args.output_dir, configs, training_args.process_index == 0) as record:
+        with (
+            RunRecord(stage, training_args.output_dir, configs, training_args.process_index == 0) as record,
+            data.reporting_bad_records(record_bad_records),
+        ):
             yield record
     finally:
         import torch.distributed
@@ -89,6 +97,12 @@ def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = 
     on held-out data.
     """
     args = trainer.args
+    bad_records = record.data.get("bad_records")
+    if bad_records:  # what the trainer drops as too long counts too, and stops the stage before training
+        bad_records["too_long"] = data.check_lengths(
+            trainer, bad_records["rows"], bad_records["max_fraction"]
+        )
+        record.save()
     checkpoint = resume_checkpoint(args)
     initial = None
     has_eval = trainer.eval_dataset is not None
