@@ -3,8 +3,9 @@
 What a record becomes depends on what the stage trains on (its `task`):
 - "messages" (SFT): TRL's `messages` column (a list of {role, content}), from Alpaca, ShareGPT and
   Anthropic HH transcripts (the chosen one), or TRL's prompt/completion and text columns as they are;
-- "preference" (reward, DPO): TRL's `prompt` (optional: an implicit prompt is part of both answers),
-  `chosen` and `rejected` columns, from TRL's preference format or Anthropic HH transcript pairs;
+- "preference" (reward, DPO): TRL's `prompt` (optional: an implicit prompt is part of both answers;
+  conversational pairs get their shared turns split off as the prompt), `chosen` and `rejected`
+  columns, from TRL's preference format (UltraFeedback binarized too) or Anthropic HH transcript pairs;
 - "unpaired" (KTO): TRL's unpaired `prompt`, `completion` and `label` columns, as they are or from
   preference pairs (in any format the "preference" task reads): chosen -> True, rejected -> False;
 - "prompts" (PPO, GRPO, RLOO): a `prompt` column only.
@@ -75,11 +76,12 @@ BAD_REASONS = {
 
 
 class BadRecord(DataError):
-    """One record a converter cannot use; `reason` is a key of BAD_REASONS."""
+    """One record a converter cannot use; `reason` is a key of BAD_REASONS, `line` the raw text of a line
+    that is no record at all (not UTF-8 or not JSON)."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, line: str | None = None):
         super().__init__(detail)
-        self.reason = reason
+        self.reason, self.line = reason, line
 
 
 # --- converters: one record of a common format -> {"messages": [...]} --------------------------------
@@ -209,10 +211,14 @@ _TASK_NEEDS = {
 }
 
 
-def detect_format(columns: list[str], first: dict) -> str:
-    """Guess the record format from the column names (and one record)."""
+def detect_format(columns: list[str], first: dict, task: str = "messages") -> str:
+    """Guess the record format from the column names (and one record) for the stage's task.
+
+    Preference data may carry a `messages` column beside its pairs (UltraFeedback binarized): a stage
+    that trains on pairs reads the pairs.
+    """
     names = set(columns)
-    if "messages" in names:
+    if "messages" in names and (task == "messages" or not {"chosen", "rejected"} <= names):
         return "messages"
     if "conversations" in names:
         return "sharegpt"
@@ -281,16 +287,30 @@ def _check_pair(row: dict) -> None:
     if isinstance(chosen, list) != isinstance(rejected, list):
         raise BadRecord("wrong_type", "chosen and rejected are not both texts or both conversations")
     # A conversational pair without a conversational prompt holds the dialogue in both answers
-    # (UltraFeedback keeps a text copy of the prompt beside them): TRL splits off their shared turns.
-    implicit = isinstance(chosen, list) and not isinstance(row.get("prompt"), list)
-    if implicit:
+    # (UltraFeedback keeps a text copy of the prompt beside them).
+    if _implicit_prompt(row):
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise BadRecord("no_reply", "chosen or rejected does not end with an assistant reply")
         if chosen[:-1] != rejected[:-1]:
             raise BadRecord("dialogues_differ", "chosen and rejected differ before their last turn")
+        if len(chosen) < 2:
+            raise BadRecord("missing_field", "no prompt: chosen and rejected are a single reply each")
         chosen, rejected = chosen[-1], rejected[-1]
     if chosen == rejected:
         raise BadRecord("same_answers", "chosen and rejected are the same answer")
+
+
+def _implicit_prompt(row: dict) -> bool:
+    """A conversational pair without a conversational prompt: the dialogue is in both answers."""
+    return isinstance(row["chosen"], list) and not isinstance(row.get("prompt"), list)
+
+
+def _split_prompt(row: dict) -> dict:
+    """A conversational pair with the shared dialogue as its prompt (as from Anthropic HH), so that
+    sources in either shape mix."""
+    if not _implicit_prompt(row):
+        return row
+    return {"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}
 
 
 def check_record(row: dict, task: str) -> None:
@@ -354,7 +374,7 @@ def convert_records(records, columns: list[str], fmt: str, source: str, task: st
         raise DataError(f"dataset {source!r} is empty")
     first = next((record for _, _, record in records if isinstance(record, dict)), {})
     if fmt == "auto":
-        fmt = detect_format(columns, first)
+        fmt = detect_format(columns, first, task)
     passthrough, converters = _PASSTHROUGH_COLUMNS[task], CONVERTERS[task]
     pair_formats = [*_PASSTHROUGH_COLUMNS["preference"], *CONVERTERS["preference"]]
     if task == "unpaired" and fmt in pair_formats:  # checked as pairs, unpaired by _to_dataset
@@ -406,8 +426,12 @@ def convert_records(records, columns: list[str], fmt: str, source: str, task: st
                     raise BadRecord(
                         "wrong_type", f"{column} is a {type(value).__name__}, not {kind.__name__}"
                     )
+            if task == "preference":
+                row = _split_prompt(row)
         except BadRecord as bad:
-            report.add(bad.reason, {"file": file, **where}, str(bad), record)
+            report.add(
+                bad.reason, {"file": file, **where}, str(bad), record if bad.line is None else bad.line
+            )
             continue
         kept.append(row)
         report.kept += 1
@@ -530,12 +554,16 @@ def _json_records(path: str) -> Iterator[tuple[str, dict, Any]]:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             detail = f"byte {raw[error.start : error.start + 1]!r} at column {error.start + 1} is not UTF-8"
-            yield path, {"line": number}, BadRecord("not_utf8", detail)
+            yield (
+                path,
+                {"line": number},
+                BadRecord("not_utf8", detail, raw.decode("utf-8", "backslashreplace")),
+            )
             continue
         try:
             yield path, {"line": number}, json.loads(text)
         except json.JSONDecodeError as error:
-            yield path, {"line": number}, BadRecord("bad_json", f"not JSON ({error})")
+            yield path, {"line": number}, BadRecord("bad_json", f"not JSON ({error})", text)
 
 
 def read_source(source: DatasetSource, task: str, max_bad_fraction: float):
