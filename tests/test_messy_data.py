@@ -255,8 +255,9 @@ def test_stages_train_on_messy_data_and_stop_past_the_fraction(workdir, tmp_path
     }
     # The over-long question leaves no answer token within max_length: SFT drops it, and says so.
     assert record["bad_records"]["rows"]["train"] == 4 * 60 + 1
-    assert record["bad_records"]["too_long"]["train"]["dropped_too_long"] == 1
-    assert record["bad_records"]["too_long"]["test"]["dropped_too_long"] == 0
+    too_long = record["bad_records"]["too_long"]
+    assert too_long["train"]["dropped_too_long"] == 1 and too_long["test"]["dropped_too_long"] == 0
+    assert too_long["train"]["at_max_length"] == 0  # the tiny answers are far shorter
     assert "cannot be used; dropped them" in result.stdout + result.stderr
 
     uf, hh_pairs = data / "ultrafeedback.jsonl", data / "hh.jsonl"
@@ -302,5 +303,22 @@ def test_stages_train_on_messy_data_and_stop_past_the_fraction(workdir, tmp_path
     record = read_record(str(dpo_out))
     assert record["status"] == "complete"
     assert _counts(record) == {fmt: _planted_counts(planted) for fmt, planted in dpo_planted.items()}
-    # The pair whose prompt alone fills max_length is dropped by DPO.
-    assert record["bad_records"]["too_long"]["train"]["dropped_too_long"] == 1
+    # The pair whose prompt alone fills max_length is dropped by DPO, and the collator truncates it no more.
+    assert record["bad_records"]["too_long"]["train"] == {
+        "records": 121,
+        "dropped_too_long": 1,
+        "truncated": 0,
+    }
+
+    # A max_length that leaves no room for any answer: DPO would drop every pair; it stops before training.
+    short = tmp_path / "dpo_short"
+    result = run_script(
+        ["dpo.py", "--config", str(recipe), "--output_dir", str(short), "--max_bad_record_fraction", "0.1"]
+        + [*steps, "--max_length", "8"],
+        cwd=workdir,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        "train: the trainer drops 121 of 121 records (100.0%) as too long for max_length 8" in result.stderr
+    )
+    assert not list(short.glob("checkpoint-*")) and not (short / "model.safetensors").exists()

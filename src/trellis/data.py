@@ -71,7 +71,6 @@ BAD_REASONS = {
     "bad_transcript": "not an HH transcript",
     "dialogues_differ": "chosen and rejected dialogues differ before the last turn",
     "same_answers": "chosen and rejected answers are the same",
-    "too_long": "dropped by the trainer as longer than max_length",
 }
 
 
@@ -252,10 +251,8 @@ def _check_turns(turns: list, column: str) -> None:
         if not isinstance(turn, dict):
             raise BadRecord("wrong_type", f"{column} turn {number} is not a mapping: {turn!r:.80}")
         if turn.get("role") not in _ROLES:
-            raise BadRecord(
-                "missing_role",
-                f"{column} turn {number} has role {turn.get('role')!r}; known: {', '.join(_ROLES)}",
-            )
+            role = f"role {turn['role']!r}" if turn.get("role") is not None else "no role"
+            raise BadRecord("missing_role", f"{column} turn {number} has {role}; known: {', '.join(_ROLES)}")
         content = turn.get("content")
         if content is None and not turn.get("tool_calls"):
             raise BadRecord("missing_field", f"{column} turn {number} ({turn['role']}) has no content")
@@ -692,17 +689,21 @@ def check_lengths(trainer, rows: dict[str, int], max_bad_fraction: float) -> dic
             continue
         dropped = rows[split] - len(dataset)
         answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in dataset.column_names]
-        if "prompt_ids" in dataset.column_names and answers:
+        counts = {"records": rows[split], "dropped_too_long": dropped}
+        if "prompt_ids" in dataset.column_names and answers:  # the collator truncates prompt + answer
             lengths = zip(*(dataset[c] for c in ["prompt_ids", *answers]), strict=True)
-            truncated = sum(len(prompt) + max(map(len, rest)) > max_length for prompt, *rest in lengths)
-        else:
-            truncated = None  # SFT truncates when it tokenizes: what it cut is gone from its dataset
-        report[split] = {"records": rows[split], "dropped_too_long": dropped, "truncated": truncated}
+            counts["truncated"] = sum(
+                len(prompt) + max(map(len, rest)) > max_length for prompt, *rest in lengths
+            )
+        elif "input_ids" in dataset.column_names:
+            # SFT truncated them when it tokenized: those it cut are among those that now fill max_length.
+            counts["at_max_length"] = sum(len(ids) >= max_length for ids in dataset["input_ids"])
+        report[split] = counts
         if dropped:
             share = dropped / rows[split]
             message = (
                 f"{split}: the trainer drops {dropped} of {rows[split]} records ({share:.1%}) as too long for "
-                f"max_length {max_length} (nothing of the answer would be left to learn from)"
+                f"max_length {max_length}"
             )
             if share > max_bad_fraction:
                 raise DataError(
@@ -710,8 +711,17 @@ def check_lengths(trainer, rows: dict[str, int], max_bad_fraction: float) -> dic
                     "shorten or remove those records, or raise `max_bad_record_fraction`."
                 )
             logger.warning(message)
-        if truncated:
-            logger.info("%s: %d records are truncated to max_length %d", split, truncated, max_length)
+        if counts.get("truncated"):
+            logger.info(
+                "%s: %d records are truncated to max_length %d", split, counts["truncated"], max_length
+            )
+        if counts.get("at_max_length"):
+            logger.info(
+                "%s: %d records fill max_length %d (truncated, or exactly that long)",
+                split,
+                counts["at_max_length"],
+                max_length,
+            )
     return report
 
 
