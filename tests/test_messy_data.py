@@ -281,7 +281,11 @@ def test_stages_train_on_messy_data_and_stop_past_the_fraction(workdir, tmp_path
         f"dialogues_differ (chosen and rejected dialogues differ before the last turn): 1, first at {uf}:{line}"
         in (result.stderr)
     )
-    assert "Traceback" not in result.stderr and read_record(str(dpo_out))["status"] == "failed"
+    assert "Traceback" not in result.stderr
+    record = read_record(str(dpo_out))  # the failed run's record holds the counts too
+    assert record["status"] == "failed" and _counts(record) == {
+        "ultrafeedback": _planted_counts(dpo_planted["ultrafeedback"])
+    }
     assert sorted(p.name for p in dpo_out.iterdir()) == [
         "trellis_run.json"
     ]  # no model loaded, nothing trained
@@ -322,3 +326,7 @@ def test_stages_train_on_messy_data_and_stop_past_the_fraction(workdir, tmp_path
         "train: the trainer drops 121 of 121 records (100.0%) as too long for max_length 8" in result.stderr
     )
     assert not list(short.glob("checkpoint-*")) and not (short / "model.safetensors").exists()
+    record = read_record(str(short))
+    assert (
+        record["status"] == "failed" and record["bad_records"]["too_long"]["train"]["dropped_too_long"] == 121
+    )

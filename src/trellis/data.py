@@ -74,6 +74,14 @@ BAD_REASONS = {
 }
 
 
+class TooManyBadRecords(DataError):
+    """More of a source's records cannot be used than the recipe allows; `report` says which and where."""
+
+    def __init__(self, message: str, report: SourceReport):
+        super().__init__(message)
+        self.report = report
+
+
 class BadRecord(DataError):
     """One record a converter cannot use; `reason` is a key of BAD_REASONS, `line` the raw text of a line
     that is no record at all (not UTF-8 or not JSON)."""
@@ -594,27 +602,35 @@ def check_fraction(report: SourceReport, max_bad_fraction: float) -> None:
     dropped = report.read - report.kept
     summary = f"{report.source}: {dropped} of {report.read} records ({report.fraction:.1%}) cannot be used"
     if report.fraction > max_bad_fraction:
-        raise DataError(
+        raise TooManyBadRecords(
             f"{summary}, more than max_bad_record_fraction {max_bad_fraction} allows:\n"
             + "\n".join(report.lines())
-            + "\nFix or remove these records, or raise `max_bad_record_fraction` in the recipe to drop them."
+            + "\nFix or remove these records, or raise `max_bad_record_fraction` in the recipe to drop them.",
+            report,
         )
     logger.warning("%s; dropped them:\n%s", summary, "\n".join(report.lines()))
 
 
-def _load_mixture(sources: list[DatasetSource], seed: int, task: str, max_bad_fraction: float):
+def _load_mixture(
+    sources: list[DatasetSource], seed: int, task: str, max_bad_fraction: float, reports: list[SourceReport]
+):
+    """load_mixture, adding each source's report to `reports` as it is read (also the one that fails)."""
     import datasets
 
-    parts, reports = [], []
+    parts = []
     for source in sources:
         logger.info("Loading dataset %s (split %s, weight %s)", source.path, source.split, source.weight)
-        dataset, report = read_source(source, task, max_bad_fraction)
+        try:
+            dataset, report = read_source(source, task, max_bad_fraction)
+        except TooManyBadRecords as error:
+            reports.append(error.report)
+            raise
         parts.append(apply_weight(dataset, source.weight, seed))
         reports.append(report)
     columns = {tuple(sorted(part.column_names)) for part in parts}
     if len(columns) > 1:
         raise DataError(f"the sources of a mixture must share one format; got column sets {sorted(columns)}")
-    return (datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]), reports
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
 def load_mixture(
@@ -624,7 +640,7 @@ def load_mixture(
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ):
     """Load, convert (for the stage's task) and weight every source, then concatenate them into one dataset."""
-    return _load_mixture(sources, seed, task, max_bad_fraction)[0]
+    return _load_mixture(sources, seed, task, max_bad_fraction, [])
 
 
 # The run's receiver of what the data loading dropped (see reporting_bad_records).
@@ -653,37 +669,41 @@ def load_train_eval(script_args: ScriptArguments, seed: int, task: str = "messag
     fraction = script_args.max_bad_record_fraction
     if not 0 <= fraction <= 1:
         raise DataError(f"max_bad_record_fraction is {fraction}; set it between 0 and 1 (default 0.01)")
-    train, reports = _load_mixture(script_args.datasets, seed, task, fraction)
-    sources = [{"split": "train", **report.as_dict()} for report in reports]
-    if script_args.eval_datasets:
-        test, reports = _load_mixture(script_args.eval_datasets, seed, task, fraction)
-        sources += [{"split": "test", **report.as_dict()} for report in reports]
-        result = datasets.DatasetDict(train=train, test=test)
-    elif script_args.test_split_size:
-        size = script_args.test_split_size
-        result = train.train_test_split(test_size=int(size) if size >= 1 else size, seed=seed)
-    else:
-        result = datasets.DatasetDict(train=train)
-    sink = _bad_record_sink.get()
-    if sink is not None:
-        rows = {split: len(dataset) for split, dataset in result.items()}
-        sink({"max_fraction": fraction, "sources": sources, "rows": rows})
-    return result
+    reports: dict[str, list[SourceReport]] = {"train": [], "test": []}
+    result = None
+    try:
+        train = _load_mixture(script_args.datasets, seed, task, fraction, reports["train"])
+        if script_args.eval_datasets:
+            test = _load_mixture(script_args.eval_datasets, seed, task, fraction, reports["test"])
+            result = datasets.DatasetDict(train=train, test=test)
+        elif script_args.test_split_size:
+            size = script_args.test_split_size
+            result = train.train_test_split(test_size=int(size) if size >= 1 else size, seed=seed)
+        else:
+            result = datasets.DatasetDict(train=train)
+        return result
+    finally:  # also when a source has too many bad records: the run record shows them
+        sink = _bad_record_sink.get()
+        if sink is not None:
+            sources = [{"split": split, **r.as_dict()} for split, listed in reports.items() for r in listed]
+            rows = {split: len(dataset) for split, dataset in result.items()} if result is not None else {}
+            sink({"max_fraction": fraction, "sources": sources, "rows": rows})
 
 
-def check_lengths(trainer, rows: dict[str, int], max_bad_fraction: float) -> dict[str, dict]:
-    """What the trainer dropped or truncated for max_length, per split, from its prepared datasets.
+def check_lengths(trainer, bad_records: dict) -> None:
+    """Add to `bad_records` (what load_train_eval reported) what the trainer dropped or truncated for
+    max_length, per split, from its prepared datasets: `bad_records["too_long"]`.
 
     TRL drops the records it could learn nothing from (SFT: no loss token left after truncation; DPO and
     KTO: the prompt alone fills max_length; reward: a pair longer than max_length) and truncates the
-    rest; `rows` is how many records each split had before. Raises DataError, before training, when the
-    drops are more than `max_bad_fraction` of a split.
+    rest. Raises DataError, before training, when the drops are more than max_fraction of a split.
     """
     args = trainer.args
     max_length = getattr(args, "max_length", None)
     if max_length is None or getattr(args, "packing", False):
-        return {}
-    report = {}
+        return
+    rows, max_bad_fraction = bad_records["rows"], bad_records["max_fraction"]
+    report = bad_records["too_long"] = {}
     for split, dataset in (("train", trainer.train_dataset), ("test", trainer.eval_dataset)):
         if split not in rows or not hasattr(dataset, "column_names"):
             continue
@@ -722,7 +742,6 @@ def check_lengths(trainer, rows: dict[str, int], max_bad_fraction: float) -> dic
                 counts["at_max_length"],
                 max_length,
             )
-    return report
 
 
 def fingerprints(dataset_dict) -> dict[str, str]:

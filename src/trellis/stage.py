@@ -99,10 +99,10 @@ def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = 
     args = trainer.args
     bad_records = record.data.get("bad_records")
     if bad_records:  # what the trainer drops as too long counts too, and stops the stage before training
-        bad_records["too_long"] = data.check_lengths(
-            trainer, bad_records["rows"], bad_records["max_fraction"]
-        )
-        record.save()
+        try:
+            data.check_lengths(trainer, bad_records)
+        finally:
+            record.save()
     checkpoint = resume_checkpoint(args)
     initial = None
     has_eval = trainer.eval_dataset is not None
