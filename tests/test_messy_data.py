@@ -330,3 +330,19 @@ def test_stages_train_on_messy_data_and_stop_past_the_fraction(workdir, tmp_path
     assert (
         record["status"] == "failed" and record["bad_records"]["too_long"]["train"]["dropped_too_long"] == 121
     )
+
+
+def test_json_array_files_are_read_record_by_record(tmp_path):
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps([messages(Q, A), messages(Q, ""), messages(*QA[3])], indent=2))
+    dataset, report = read_source(DatasetSource(path=str(path)), "messages", max_bad_fraction=0.5)
+    assert len(dataset) == 2 and report.dropped["empty_turn"] | {"example": None} == {
+        "count": 1,
+        "file": str(path),
+        "record": 1,
+        "problem": "messages turn 2 (assistant) is empty",
+        "example": None,
+    }
+    path.write_text(json.dumps([messages(Q, A)])[:-1])
+    with pytest.raises(DataError, match="chats.json: not a readable JSON array .*; write it as JSON lines"):
+        read_source(DatasetSource(path=str(path)), "messages", max_bad_fraction=0.5)

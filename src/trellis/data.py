@@ -544,31 +544,37 @@ def _json_records(path: str) -> Iterator[tuple[str, dict, Any]]:
     """(file, {"line": n}, record) for each JSON line of a file (or each item of a JSON array), with a
     BadRecord in place of a line that is not UTF-8 or not JSON: one broken line does not hide the others."""
     with _OPENERS.get(Path(path).suffix, open)(path, "rb") as handle:
-        data = handle.read()
-    if data.lstrip()[:1] == b"[":  # one JSON array, not JSON lines
-        try:
-            items = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DataError(f"{path}: not a readable JSON array ({error}); write it as JSON lines") from None
-        yield from ((path, {"record": index}, item) for index, item in enumerate(items))
-        return
-    for number, raw in enumerate(data.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            detail = f"byte {raw[error.start : error.start + 1]!r} at column {error.start + 1} is not UTF-8"
-            yield (
-                path,
-                {"line": number},
-                BadRecord("not_utf8", detail, raw.decode("utf-8", "backslashreplace")),
-            )
-            continue
-        try:
-            yield path, {"line": number}, json.loads(text)
-        except json.JSONDecodeError as error:
-            yield path, {"line": number}, BadRecord("bad_json", f"not JSON ({error})", text)
+        array = handle.read(4096).lstrip()[:1] == b"["  # one JSON array, not JSON lines
+        handle.seek(0)
+        if array:
+            try:
+                items = json.loads(handle.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise DataError(
+                    f"{path}: not a readable JSON array ({error}); write it as JSON lines"
+                ) from None
+            yield from ((path, {"record": index}, item) for index, item in enumerate(items))
+            return
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                detail = (
+                    f"byte {raw[error.start : error.start + 1]!r} at column {error.start + 1} is not UTF-8"
+                )
+                line = raw.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+                yield path, {"line": number}, BadRecord("not_utf8", detail, line)
+                continue
+            try:
+                yield path, {"line": number}, json.loads(text)
+            except json.JSONDecodeError as error:
+                yield (
+                    path,
+                    {"line": number},
+                    BadRecord("bad_json", f"not JSON ({error})", text.rstrip("\r\n")),
+                )
 
 
 def read_source(source: DatasetSource, task: str, max_bad_fraction: float):
