@@ -346,3 +346,25 @@ def test_json_array_files_are_read_record_by_record(tmp_path):
     path.write_text(json.dumps([messages(Q, A)])[:-1])
     with pytest.raises(DataError, match="chats.json: not a readable JSON array .*; write it as JSON lines"):
         read_source(DatasetSource(path=str(path)), "messages", max_bad_fraction=0.5)
+
+
+def test_hub_style_sources_are_checked_in_arrow(tmp_path):
+    """Parquet (as Hub datasets come): the same checks, positions as record indices, the rest kept in Arrow."""
+    import datasets
+
+    rows = [ultrafeedback(*QA[i]) for i in range(40)]
+    planted = {"dialogues_differ": 5, "same_answers": 12, "empty_turn": 20, "missing_field": 33}
+    broken = {reason: json.loads(raw) for raw, reason in DEFECTS["ultrafeedback"][1] if reason in planted}
+    for reason, index in planted.items():
+        rows[index] = broken[reason]
+    path = tmp_path / "ultrafeedback.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    dataset, report = read_source(DatasetSource(path=str(path)), "preference", max_bad_fraction=0.2)
+    assert {reason: (bad["count"], bad["record"]) for reason, bad in report.dropped.items()} == {
+        reason: (1, index) for reason, index in planted.items()
+    }
+    assert len(dataset) == 36 and sorted(dataset.column_names) == ["chosen", "prompt", "rejected"]
+    assert dataset[0]["prompt"] == [{"role": "user", "content": QA[0][0]}]
+    assert dataset[0]["chosen"] == [{"role": "assistant", "content": QA[0][1]}]
+    with pytest.raises(DataError, match=r"4 of 40 records \(10.0%\) cannot be used"):
+        read_source(DatasetSource(path=str(path)), "preference", max_bad_fraction=0.05)

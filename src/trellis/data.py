@@ -28,10 +28,11 @@ import logging
 import lzma
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -366,24 +367,23 @@ class SourceReport:
         return {"source": self.source, "read": self.read, "kept": self.kept, "dropped": self.dropped}
 
 
-def convert_records(records, columns: list[str], fmt: str, source: str, task: str = "messages"):
-    """Convert (file, position, record) triples of one source to the stage's task, record by record.
+@dataclass
+class _Plan:
+    """How a source's records become the stage's: the format, the task they are checked as (KTO's pairs
+    are checked as pairs, then unpaired) and, for formats TRL reads as they are, the columns kept."""
 
-    A record that cannot be used is dropped and counted in the returned SourceReport; a `BadRecord` in
-    place of the record (a line that is not UTF-8 or JSON) is counted the same way. Returns (converted
-    records, report). A recipe-level mistake (a format or column that no record has) raises DataError.
-    """
-    report = SourceReport(source)
-    records = list(records)
-    if not records:
-        raise DataError(f"dataset {source!r} is empty")
-    first = next((record for _, _, record in records if isinstance(record, dict)), {})
+    fmt: str
+    task: str
+    keep: list[str] | None
+
+
+def _plan(columns: list[str], first: dict, fmt: str, source: str, task: str) -> _Plan:
+    """Raise DataError for a recipe-level mistake: a format the stage cannot train on, or a column no record has."""
     if fmt == "auto":
         fmt = detect_format(columns, first, task)
-    passthrough, converters = _PASSTHROUGH_COLUMNS[task], CONVERTERS[task]
     pair_formats = [*_PASSTHROUGH_COLUMNS["preference"], *CONVERTERS["preference"]]
-    if task == "unpaired" and fmt in pair_formats:  # checked as pairs, unpaired by _to_dataset
-        return convert_records(records, columns, fmt, source, "preference")
+    check_task = "preference" if task == "unpaired" and fmt in pair_formats else task
+    passthrough, converters = _PASSTHROUGH_COLUMNS[check_task], CONVERTERS[check_task]
     if fmt not in passthrough and fmt not in converters:
         accepted = [*passthrough, *converters, *(pair_formats if task == "unpaired" else [])]
         raise DataError(
@@ -395,35 +395,51 @@ def convert_records(records, columns: list[str], fmt: str, source: str, task: st
         missing = [c for c in required if c not in columns]
         if missing:
             raise DataError(f"dataset {source!r} (format {fmt}) lacks column(s) {missing}; it has {columns}")
-        keep = [*required, *(c for c in optional if c in columns)]
+        return _Plan(fmt, check_task, [*required, *(c for c in optional if c in columns)])
+    needed = [*_CONVERTER_FIELDS[fmt], *(["rejected"] if check_task == "preference" else [])]
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(
+            f"dataset {source!r} is not in {fmt} format: missing field {missing[0]!r}; it has columns {columns}"
+        )
+    return _Plan(fmt, check_task, None)
+
+
+def _convert_record(record: Any, plan: _Plan) -> dict:
+    """One record in the stage's columns, or BadRecord."""
+    if isinstance(record, BadRecord):
+        raise record
+    if not isinstance(record, Mapping):  # `datasets.map` passes its rows as lazy mappings
+        raise BadRecord("bad_json", f"a JSON {type(record).__name__}, not an object")
+    if plan.keep is not None:
+        absent = [c for c in plan.keep if record.get(c) is None]
+        if absent:
+            raise BadRecord("missing_field", f"no {absent[0]!r}")
+        row = {c: record[c] for c in plan.keep}
     else:
-        needed = [*_CONVERTER_FIELDS[fmt], *(["rejected"] if task == "preference" else [])]
-        missing = [c for c in needed if c not in columns]
-        if missing:
-            raise DataError(
-                f"dataset {source!r} is not in {fmt} format: missing field {missing[0]!r}; it has columns {columns}"
-            )
-    kept, kinds = [], {}
-    for file, where, record in records:
+        try:
+            row = CONVERTERS[plan.task][plan.fmt](record)
+        except KeyError as error:
+            raise BadRecord("missing_field", f"no {error}") from None
+        except (AttributeError, TypeError) as error:
+            raise BadRecord("wrong_type", f"a field of the wrong type ({error})") from None
+    check_record(row, plan.task)
+    return _split_prompt(row) if plan.task == "preference" else row
+
+
+def check_records(records, plan: _Plan, source: str, keep_rows: bool = True):
+    """Convert (file, position, record) triples of one source, record by record: (kept, SourceReport).
+
+    A record that cannot be used is dropped and counted in the report, with where the first of each
+    reason is and what it looked like; a `BadRecord` in place of a record (a line that is not UTF-8 or
+    JSON) is counted the same way. `kept` holds the converted records, or with `keep_rows=False` only
+    their indices (to select them from a loaded dataset without holding them).
+    """
+    report, kept, kinds = SourceReport(source), [], {}
+    for index, (file, where, record) in enumerate(records):
         report.read += 1
         try:
-            if isinstance(record, BadRecord):
-                raise record
-            if not isinstance(record, dict):
-                raise BadRecord("bad_json", f"a JSON {type(record).__name__}, not an object")
-            if fmt in passthrough:
-                absent = [c for c in keep if record.get(c) is None]
-                if absent:
-                    raise BadRecord("missing_field", f"no {absent[0]!r}")
-                row = {c: record[c] for c in keep}
-            else:
-                try:
-                    row = converters[fmt](record)
-                except KeyError as error:
-                    raise BadRecord("missing_field", f"no {error}") from None
-                except (AttributeError, TypeError) as error:
-                    raise BadRecord("wrong_type", f"a field of the wrong type ({error})") from None
-            check_record(row, task)
+            row = _convert_record(record, plan)
             # Arrow keeps one type per column: the first record decides between text and conversation.
             for column, value in row.items():
                 kind = kinds.setdefault(column, type(value))
@@ -431,40 +447,59 @@ def convert_records(records, columns: list[str], fmt: str, source: str, task: st
                     raise BadRecord(
                         "wrong_type", f"{column} is a {type(value).__name__}, not {kind.__name__}"
                     )
-            if task == "preference":
-                row = _split_prompt(row)
         except BadRecord as bad:
-            report.add(
-                bad.reason, {"file": file, **where}, str(bad), record if bad.line is None else bad.line
-            )
+            example = record if bad.line is None else bad.line
+            report.add(bad.reason, {"file": file, **where}, str(bad), example)
             continue
-        kept.append(row)
+        kept.append(row if keep_rows else index)
         report.kept += 1
     return kept, report
 
 
 def _rows_of(dataset, name: str):
-    """A loaded dataset's records as convert_records reads them: (file, position, record)."""
+    """A loaded dataset's records as check_records reads them: (file, position, record)."""
     return ((name, {"record": index}, row) for index, row in enumerate(dataset))
+
+
+def _convert_dataset(dataset, fmt: str, source: str, task: str, max_bad_fraction: float):
+    """A loaded dataset converted for the stage's task without its unusable records: (dataset, report).
+
+    The records are checked one by one, then the good ones are selected and converted with
+    `datasets.map`, so that a large dataset stays in Arrow (memory-mapped) rather than in Python objects.
+    """
+    if len(dataset) == 0:
+        raise DataError(f"dataset {source!r} is empty")
+    plan = _plan(dataset.column_names, dataset[0], fmt, source, task)
+    kept, report = check_records(_rows_of(dataset, source), plan, source, keep_rows=False)
+    check_fraction(report, max_bad_fraction)
+    _require_some(kept, report)
+    if len(kept) < len(dataset):
+        dataset = dataset.select(kept)
+    if plan.keep is not None and not (plan.task == "preference" and _implicit_prompt(dataset[0])):
+        converted = dataset.select_columns(plan.keep)
+    else:
+        converted = dataset.map(
+            partial(_convert_record, plan=plan),
+            remove_columns=dataset.column_names,
+            desc=f"Converting {source} ({plan.fmt})",
+        )
+    return _unpaired_if_needed(converted, task), report
 
 
 def convert(dataset, fmt: str, source: str, task: str = "messages"):
     """Convert a dataset to TRL's columns for the stage's task, keeping only those columns.
 
-    Records of no use to the stage are dropped (see convert_records); KTO's pair formats are unpaired.
+    Records of no use to the stage are dropped (see check_records); KTO's pair formats are unpaired.
     """
-    if len(dataset) == 0:
-        raise DataError(f"dataset {source!r} is empty")
-    rows, report = convert_records(_rows_of(dataset, source), dataset.column_names, fmt, source, task)
-    return _to_dataset(rows, report, task)
+    return _convert_dataset(dataset, fmt, source, task, max_bad_fraction=1.0)[0]
 
 
-def _to_dataset(rows: list[dict], report: SourceReport, task: str):
-    import datasets
-
-    if not rows:
+def _require_some(kept: list, report: SourceReport) -> None:
+    if not kept:
         raise DataError(f"dataset {report.source!r}: no record can be used\n" + "\n".join(report.lines()))
-    dataset = datasets.Dataset.from_list(rows)
+
+
+def _unpaired_if_needed(dataset, task: str):
     if task == "unpaired" and "label" not in dataset.column_names:
         return unpair_preferences(dataset)
     return dataset
@@ -583,22 +618,25 @@ def read_source(source: DatasetSource, task: str, max_bad_fraction: float):
     Raises DataError, naming the file, line and an example of each reason, when more than
     `max_bad_fraction` of the source's records are dropped.
     """
+    import datasets
+
     files = _json_files(source)
-    if files is not None:
-        records = [item for path in files for item in _json_records(path)]
-        keys = dict.fromkeys(k for _, _, record in records if isinstance(record, dict) for k in record)
-        rows, report = convert_records(records, list(keys), source.format, source.path, task)
-    else:
+    if files is None:  # Hub datasets, parquet, csv, text, saved datasets: `datasets` reads them
         dataset = load_source(source)
-        if len(dataset) == 0:
-            raise DataError(f"dataset {source.path!r} is empty")
         if dataset.column_names == ["text"] and dataset.builder_name == "text":
             dataset = dataset.filter(lambda row: bool(row["text"].strip()))  # blank lines are no records
-        rows, report = convert_records(
-            _rows_of(dataset, source.path), dataset.column_names, source.format, source.path, task
-        )
+        return _convert_dataset(dataset, source.format, source.path, task, max_bad_fraction)
+    # JSON read here, line by line: `datasets` stops at the first line that is not UTF-8 or JSON.
+    records = [item for path in files for item in _json_records(path)]
+    if not records:
+        raise DataError(f"dataset {source.path!r} is empty")
+    dicts = [record for _, _, record in records if isinstance(record, dict)]
+    columns = list(dict.fromkeys(key for record in dicts for key in record))
+    plan = _plan(columns, dicts[0] if dicts else {}, source.format, source.path, task)
+    rows, report = check_records(records, plan, source.path)
     check_fraction(report, max_bad_fraction)
-    return _to_dataset(rows, report, task), report
+    _require_some(rows, report)
+    return _unpaired_if_needed(datasets.Dataset.from_list(rows), task), report
 
 
 def check_fraction(report: SourceReport, max_bad_fraction: float) -> None:
