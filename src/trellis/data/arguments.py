@@ -91,6 +91,15 @@ class ScriptArguments:
             "help": "Evaluate the untrained model first, so the run record shows what training changed."
         },
     )
+    max_bad_record_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": "Records a converter cannot use (broken JSON or UTF-8, missing fields or roles, empty "
+            "turns, pairs that differ before the last turn, too long for max_length) are dropped, counted "
+            "per reason and reported in trellis_run.json; the stage stops before training when more than "
+            "this share of a source (or of what the trainer is given) is dropped."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.datasets = [as_source(item) for item in self.datasets]

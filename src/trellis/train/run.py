@@ -14,6 +14,7 @@ from trellis.core.hub import model_card, upload_model
 from trellis.core.recipe import looks_like_local_path
 from trellis.core.run_record import RunRecord, checkpoints_by_step, read_record
 from trellis.core.tables import markdown_table, number
+from trellis.data import sources
 from trellis.train import throughput
 from trellis.train.models import merge_adapters
 
@@ -58,8 +59,16 @@ def start_training_run(stage: str, script_args, training_args, model_args) -> It
         # comes before it reads output_dir, and it would write to ./runs. Name the directory up front.
         os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(training_args.output_dir, "runs")
     configs = {"script": script_args, "model": model_args, "training": training_args}
+
+    def record_bad_records(report: dict) -> None:
+        record.data["bad_records"] = report
+        record.save()
+
     try:
-        with RunRecord(stage, training_args.output_dir, configs, training_args.process_index == 0) as record:
+        with (
+            RunRecord(stage, training_args.output_dir, configs, training_args.process_index == 0) as record,
+            sources.reporting_bad_records(record_bad_records),
+        ):
             yield record
     finally:
         import torch.distributed
@@ -92,6 +101,12 @@ def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = 
     on held-out data.
     """
     args = trainer.args
+    bad_records = record.data.get("bad_records")
+    if bad_records:  # what the trainer drops as too long counts too, and stops the stage before training
+        try:
+            sources.check_lengths(trainer, bad_records)
+        finally:
+            record.save()
     checkpoint = resume_checkpoint(args)
     initial = None
     has_eval = trainer.eval_dataset is not None
