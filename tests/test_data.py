@@ -9,18 +9,16 @@ import datasets
 import pytest
 
 from trellis.data.arguments import DatasetSource, ScriptArguments
-from trellis.data.sources import (
-    DataError,
+from trellis.data.bad_records import DataError
+from trellis.data.formats import (
     alpaca_to_messages,
-    convert,
     detect_format,
     hh_to_messages,
     hh_to_preference,
-    load_mixture,
-    load_train_eval,
     parse_hh_transcript,
     sharegpt_to_messages,
 )
+from trellis.data.sources import convert, load_mixture, load_train_eval
 
 ALPACA = {
     "instruction": "Give three tips for staying healthy.",

@@ -17,7 +17,8 @@ from conftest import REPO, run_script, write_recipe
 
 from trellis.core.run_record import read_record
 from trellis.data.arguments import DatasetSource
-from trellis.data.sources import DataError, read_source
+from trellis.data.bad_records import DataError
+from trellis.data.sources import read_source
 
 # Arithmetic questions in the tiny world's words, so the tiny tokenizer reads them in real stage runs.
 QA = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(10) for b in range(10)]

@@ -42,7 +42,15 @@ REPORT_MD = "data_report.md"
 _EXAMPLE_CHARS = 300
 _COMPRESSION_SAMPLE = 2000  # held-out documents the tokenizer's compression is measured on
 # Code whose change must invalidate a cached result.
-_CODE_FILES = ("corpus.py", "packing.py", "dedup.py", "text_quality.py", "tokenizer.py", "sources.py")
+_CODE_FILES = (
+    "corpus.py",
+    "packing.py",
+    "dedup.py",
+    "text_quality.py",
+    "tokenizer.py",
+    "sources.py",
+    "formats.py",
+)
 
 
 # --- caching ------------------------------------------------------------------------------------

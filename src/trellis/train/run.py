@@ -14,7 +14,7 @@ from trellis.core.hub import model_card, upload_model
 from trellis.core.recipe import looks_like_local_path
 from trellis.core.run_record import RunRecord, checkpoints_by_step, read_record
 from trellis.core.tables import markdown_table, number
-from trellis.data import sources
+from trellis.data.bad_records import check_lengths, reporting_bad_records
 from trellis.train import throughput
 from trellis.train.models import merge_adapters
 
@@ -67,7 +67,7 @@ def start_training_run(stage: str, script_args, training_args, model_args) -> It
     try:
         with (
             RunRecord(stage, training_args.output_dir, configs, training_args.process_index == 0) as record,
-            sources.reporting_bad_records(record_bad_records),
+            reporting_bad_records(record_bad_records),
         ):
             yield record
     finally:
@@ -104,7 +104,7 @@ def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = 
     bad_records = record.data.get("bad_records")
     if bad_records:  # what the trainer drops as too long counts too, and stops the stage before training
         try:
-            sources.check_lengths(trainer, bad_records)
+            check_lengths(trainer, bad_records)
         finally:
             record.save()
     checkpoint = resume_checkpoint(args)
