@@ -324,6 +324,9 @@ def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = 
     warnings.filterwarnings(
         "ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning
     )
+    problems = _command_line_range_problems(parser, cli_args, dataclass_types)
+    if problems:  # before the dataclasses' own checks, which would name neither the key nor the range
+        raise RecipeError(_format_problems("command line", problems))
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=cli_args, return_remaining_strings=True)
     except (ValueError, TypeError) as error:
@@ -341,16 +344,32 @@ def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = 
     return tuple(parsed)
 
 
+def _command_line_range_problems(parser: Any, cli_args: list[str], dataclass_types: tuple[type, ...]):
+    """Range problems of the values the command line changes (the recipe file's were checked already)."""
+    given, _ = parser.parse_known_args(cli_args)
+    before, _ = parser.parse_known_args([])  # the recipe file's values and the defaults
+    return [
+        Problem(f"--{key}", message)
+        for key, bound in value_bounds(dataclass_types).items()
+        if getattr(given, key, None) != getattr(before, key, None)
+        and (message := bound.problem(getattr(given, key)))
+    ]
+
+
 def validate_recipe_file(path: str, stage: str | None = None, check_paths: bool = True) -> str:
     """Parse a stage recipe exactly as its script would, without training. Returns the stage name."""
-    import torch
-
     stage = stage or stage_of_recipe(path)
     # A GPU recipe (bf16) must validate on a machine without one, so validation runs it as if on CPU.
-    trains = "use_cpu" in _field_names(stage_types(stage))  # the data stage has no device
-    on_cpu = ["--use_cpu", "true"] if trains and not torch.cuda.is_available() else []
+    trains = "use_cpu" in _field_names(stage_types(stage))  # the data, eval and quantize stages do not
+    on_cpu = ["--use_cpu", "true"] if trains and not _cuda_available() else []
     parse_recipe(stage, ["--config", path, *on_cpu], check_paths)
     return stage
+
+
+def _cuda_available() -> bool:
+    import torch  # only here: the stages that do not train check their recipes without torch (~1.5 s)
+
+    return torch.cuda.is_available()
 
 
 def stage_of_recipe(path: str) -> str:
@@ -384,19 +403,42 @@ def load_recipe_file(path: str) -> tuple[dict, dict[tuple, int]]:
             f"{path}: a recipe must be a mapping of keys to values, got {type(recipe).__name__}"
         )
     lines: dict[tuple, int] = {}
-    _collect_key_lines(root, (), lines)
+    duplicates: list[Problem] = []
+    _collect_key_lines(root, (), lines, duplicates)
+    if duplicates:  # YAML keeps the last of two equal keys without a word; the user meant one of them
+        raise RecipeError(_format_problems(path, duplicates))
     return recipe, lines
 
 
-def _collect_key_lines(node: yaml.Node, prefix: tuple, lines: dict[tuple, int]) -> None:
+def _collect_key_lines(
+    node: yaml.Node, prefix: tuple, lines: dict[tuple, int], duplicates: list[Problem]
+) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = (*prefix, key_node.value)
-            lines[key] = key_node.start_mark.line + 1
-            _collect_key_lines(value_node, key, lines)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                duplicates.append(
+                    Problem(
+                        key_path_name(key),
+                        f"written twice (also on line {lines[key]}); YAML would silently keep only this "
+                        "one: delete one of them",
+                        line,
+                    )
+                )
+            lines[key] = line
+            _collect_key_lines(value_node, key, lines, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _collect_key_lines(item, (*prefix, index), lines)
+            _collect_key_lines(item, (*prefix, index), lines, duplicates)
+
+
+def key_path_name(path: tuple) -> str:
+    """('stages', 1, 'overrides', 'seed') -> 'stages[1].overrides.seed'."""
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name
 
 
 def _apply_env(env: Any, where: str) -> None:
@@ -444,6 +486,115 @@ def _format_problems(where: str, problems: list[Problem]) -> str:
     return f"{where}: {len(problems)} problems\n" + "\n".join(f"  - {p}" for p in problems)
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The range a numeric recipe value must lie in; `note` says what the edge values mean."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # > low instead of >= low
+    high_open: bool = False  # < high instead of <= high
+    note: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None  # None (unset) and wrong types are not ranges' business
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not (too_low or too_high):
+            return None
+        if self.low is not None and self.high is not None:
+            expected = (
+                f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+            )
+        elif self.low is not None:
+            expected = f"{'>' if self.low_open else '>='} {self.low}"
+        else:
+            expected = f"{'<' if self.high_open else '<='} {self.high}"
+        return f"must be {expected}{f' ({self.note})' if self.note else ''}, got {value!r}"
+
+
+_AT_LEAST_1 = Bound(1)
+_POSITIVE = Bound(0, low_open=True)
+_NOT_NEGATIVE = Bound(0)
+_STEPS = Bound(0, low_open=True, note="a step count, or a fraction < 1 of the run")
+_PROBABILITY = Bound(0, 1, high_open=True)
+
+# Values outside these ranges are meaningless (or crash deep inside training); a key means the same in
+# every stage dataclass that has it. Ranges from the TRL and transformers docs of each field.
+VALUE_BOUNDS: dict[str, Bound] = {
+    # transformers.TrainingArguments
+    "per_device_train_batch_size": _AT_LEAST_1,
+    "per_device_eval_batch_size": _AT_LEAST_1,
+    "gradient_accumulation_steps": _AT_LEAST_1,
+    "eval_accumulation_steps": _AT_LEAST_1,
+    "learning_rate": _NOT_NEGATIVE,
+    "weight_decay": _NOT_NEGATIVE,
+    "adam_beta1": _PROBABILITY,
+    "adam_beta2": _PROBABILITY,
+    "adam_epsilon": _NOT_NEGATIVE,
+    "max_grad_norm": Bound(0, note="0: no clipping"),
+    "num_train_epochs": _POSITIVE,
+    "max_steps": Bound(-1, note="-1: train for num_train_epochs"),
+    "warmup_steps": Bound(0, note="a step count, or a fraction < 1 of the run"),
+    "logging_steps": _STEPS,
+    "eval_steps": _STEPS,
+    "save_steps": _STEPS,
+    "label_smoothing_factor": _PROBABILITY,
+    "seed": Bound(0, 2**32 - 1, note="numpy's seed range"),
+    "data_seed": Bound(0, 2**32 - 1, note="numpy's seed range"),
+    "dataloader_num_workers": _NOT_NEGATIVE,
+    # TRL's trainer configs
+    "max_length": _AT_LEAST_1,
+    "max_prompt_length": _AT_LEAST_1,
+    "max_completion_length": _AT_LEAST_1,
+    "beta": _NOT_NEGATIVE,  # GRPO and RLOO: 0 turns the KL penalty off; see CONFIG_VALUE_BOUNDS
+    "num_generations": Bound(2, note="the group each completion's reward is compared with"),
+    "num_iterations": _AT_LEAST_1,
+    "temperature": _POSITIVE,
+    "top_p": Bound(0, 1, low_open=True),
+    "num_ppo_epochs": _AT_LEAST_1,
+    "num_mini_batches": _AT_LEAST_1,
+    "total_episodes": _AT_LEAST_1,
+    "response_length": _AT_LEAST_1,
+    "local_rollout_forward_batch_size": _AT_LEAST_1,
+    "kl_coef": _NOT_NEGATIVE,
+    "vf_coef": _NOT_NEGATIVE,
+    "cliprange": _POSITIVE,
+    "cliprange_value": _POSITIVE,
+    "gamma": Bound(0, 1),
+    "lam": Bound(0, 1),
+    # TRL's ModelConfig (LoRA)
+    "lora_r": _AT_LEAST_1,
+    "lora_alpha": _POSITIVE,
+    "lora_dropout": _PROBABILITY,
+    # Trellis's data and stage arguments
+    "test_split_size": Bound(0, low_open=True, note="a fraction < 1 or a count of examples"),
+    "unchunked_loss_max_mib": _NOT_NEGATIVE,
+    "batch_size": _AT_LEAST_1,
+}
+
+# Where one stage needs a narrower range than VALUE_BOUNDS (by config class name, subclasses included).
+CONFIG_VALUE_BOUNDS: dict[str, dict[str, Bound]] = {
+    # beta scales the preference margin (DPO; IPO divides by it), KTO's sigmoid and ORPO's odds-ratio
+    # term: at 0 the stage learns no preference at all.
+    "DPOConfig": {"beta": _POSITIVE},
+    "KTOConfig": {"beta": _POSITIVE},
+    "ORPOConfig": {"beta": _POSITIVE},
+}
+
+
+def value_bounds(dataclass_types: tuple[type, ...]) -> dict[str, Bound]:
+    """The declared range of every bounded key of a stage's dataclasses."""
+    bounds: dict[str, Bound] = {}
+    for cls in dataclass_types:
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        bounds.update({name: bound for name, bound in VALUE_BOUNDS.items() if name in names})
+        for base in reversed(cls.__mro__):  # the most derived class's range wins
+            bounds.update(CONFIG_VALUE_BOUNDS.get(base.__name__, {}))
+    return bounds
+
+
 def _field_names(dataclass_types: tuple[type, ...]) -> list[str]:
     return [f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init]
 
@@ -471,6 +622,7 @@ def check_recipe(
     for cls in dataclass_types:
         known.update(_fields_with_hints(cls))
         nested_items.update(getattr(cls, "nested_items", {}))
+    bounds = value_bounds(dataclass_types)
     checked, problems = {}, []
     for key, value in recipe.items():
         key = str(key)
@@ -489,6 +641,9 @@ def check_recipe(
                 problems.append(Problem(key, error, line))
                 continue
             value = error.value
+            if key in bounds and (message := bounds[key].problem(value)):
+                problems.append(Problem(key, message, line))
+                continue
         checked[key] = value
     return checked, problems
 
