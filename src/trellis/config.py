@@ -1,8 +1,9 @@
 """Recipes: a YAML file plus command-line overrides, parsed strictly into typed dataclasses.
 
 Every stage script calls `parse_recipe(stage)`. Before any model or dataset is loaded it rejects
-unknown keys (with the closest valid key), values of the wrong type, missing required keys and local
-paths that do not exist, naming the file, the line and the key. The dataclasses are TRL's: the
+unknown keys (with the closest valid key), keys written twice, values of the wrong type or out of
+their range (VALUE_BOUNDS), missing required keys and local paths that do not exist, naming the file,
+the line and the key. The dataclasses are TRL's: the
 stage's TRL config (e.g. SFTConfig), TRL's ModelConfig extended by `ModelArguments`, and Trellis's
 `ScriptArguments` for the data.
 """
@@ -344,7 +345,9 @@ def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = 
     return tuple(parsed)
 
 
-def _command_line_range_problems(parser: Any, cli_args: list[str], dataclass_types: tuple[type, ...]):
+def _command_line_range_problems(
+    parser: Any, cli_args: list[str], dataclass_types: tuple[type, ...]
+) -> list[Problem]:
     """Range problems of the values the command line changes (the recipe file's were checked already)."""
     given, _ = parser.parse_known_args(cli_args)
     before, _ = parser.parse_known_args([])  # the recipe file's values and the defaults
@@ -518,7 +521,7 @@ _AT_LEAST_1 = Bound(1)
 _POSITIVE = Bound(0, low_open=True)
 _NOT_NEGATIVE = Bound(0)
 _STEPS = Bound(0, low_open=True, note="a step count, or a fraction < 1 of the run")
-_PROBABILITY = Bound(0, 1, high_open=True)
+_FRACTION = Bound(0, 1, high_open=True)  # [0, 1)
 
 # Values outside these ranges are meaningless (or crash deep inside training); a key means the same in
 # every stage dataclass that has it. Ranges from the TRL and transformers docs of each field.
@@ -530,8 +533,8 @@ VALUE_BOUNDS: dict[str, Bound] = {
     "eval_accumulation_steps": _AT_LEAST_1,
     "learning_rate": _NOT_NEGATIVE,
     "weight_decay": _NOT_NEGATIVE,
-    "adam_beta1": _PROBABILITY,
-    "adam_beta2": _PROBABILITY,
+    "adam_beta1": _FRACTION,
+    "adam_beta2": _FRACTION,
     "adam_epsilon": _NOT_NEGATIVE,
     "max_grad_norm": Bound(0, note="0: no clipping"),
     "num_train_epochs": _POSITIVE,
@@ -540,7 +543,7 @@ VALUE_BOUNDS: dict[str, Bound] = {
     "logging_steps": _STEPS,
     "eval_steps": _STEPS,
     "save_steps": _STEPS,
-    "label_smoothing_factor": _PROBABILITY,
+    "label_smoothing_factor": _FRACTION,
     "seed": Bound(0, 2**32 - 1, note="numpy's seed range"),
     "data_seed": Bound(0, 2**32 - 1, note="numpy's seed range"),
     "dataloader_num_workers": _NOT_NEGATIVE,
@@ -567,7 +570,7 @@ VALUE_BOUNDS: dict[str, Bound] = {
     # TRL's ModelConfig (LoRA)
     "lora_r": _AT_LEAST_1,
     "lora_alpha": _POSITIVE,
-    "lora_dropout": _PROBABILITY,
+    "lora_dropout": _FRACTION,
     # Trellis's data and stage arguments
     "test_split_size": Bound(0, low_open=True, note="a fraction < 1 or a count of examples"),
     "unchunked_loss_max_mib": _NOT_NEGATIVE,
