@@ -126,6 +126,11 @@ OUT_OF_RANGE = {
     "adam_beta2": ("adam_beta2: 1.5\n", "line 7: adam_beta2: must be in [0, 1), got 1.5"),
     "seed": ("seed: -1\n", "line 7: seed: must be in [0, 4294967295]"),
     "lora_r": ("use_peft: true\nlora_r: 0\n", "line 8: lora_r: must be >= 1, got 0"),
+    "datasets-weight": (
+        "eval_datasets:\n  - path: data/tiny/sft/test.jsonl\n    weight: 0\n",
+        "line 9: eval_datasets[0].weight: must be > 0 (the share of the source to use: 0.5 a half, 2.0 "
+        "twice), got 0",
+    ),
     "test_split_size": ("test_split_size: 0\n", "line 7: test_split_size: must be > 0"),
 }
 

@@ -575,6 +575,9 @@ VALUE_BOUNDS: dict[str, Bound] = {
     "test_split_size": Bound(0, low_open=True, note="a fraction < 1 or a count of examples"),
     "unchunked_loss_max_mib": _NOT_NEGATIVE,
     "batch_size": _AT_LEAST_1,
+    # DatasetSource (an item of `datasets`)
+    "weight": Bound(0, low_open=True, note="the share of the source to use: 0.5 a half, 2.0 twice"),
+    "max_documents": _AT_LEAST_1,
 }
 
 # Where one stage needs a narrower range than VALUE_BOUNDS (by config class name, subclasses included).
@@ -659,6 +662,7 @@ def _check_items(key: str, value: Any, item_type: type, lines: dict) -> tuple[li
             Problem(key, f"expected a list of mappings with keys among: {example}", lines.get((key,)))
         ]
     fields = _fields_with_hints(item_type)
+    bounds = value_bounds((item_type,))
     required = [f.name for f, _ in fields.values() if f.default is dataclasses.MISSING]
     problems, items = [], []
     for index, item in enumerate(value):
@@ -673,6 +677,8 @@ def _check_items(key: str, value: Any, item_type: type, lines: dict) -> tuple[li
             result = _check_value(item_value, hint, spec)
             if isinstance(result, str):
                 problems.append(Problem(where, result, line))
+            elif name in bounds and (message := bounds[name].problem(result.value)):
+                problems.append(Problem(where, message, line))
             else:
                 checked[name] = result.value
         for name in required:
@@ -898,10 +904,6 @@ def check_semantics(parsed: list[Any]) -> list[Problem]:
                     "      datasets:\n        - path: data/train.jsonl",
                 )
             )
-        for key in ("datasets", "eval_datasets"):
-            for index, source in enumerate(getattr(script, key)):
-                if source.weight <= 0:
-                    problems.append(Problem(f"{key}[{index}].weight", f"must be > 0, got {source.weight}"))
         evaluates = (
             training is not None
             and str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no"
