@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, write_recipe
+from record_opens import run_recording_opens
 
 from trellis.core.hub import files_to_upload
 from trellis.core.run_record import read_record
@@ -90,11 +90,8 @@ def last_actions(workdir: Path) -> dict[str, str]:
 def _fails(workdir: Path, monkeypatch, text: str, *expected: str) -> str:
     monkeypatch.chdir(workdir)
     path = write_recipe(workdir / "pipelines" / "bad.yaml", text)
-    start = time.process_time()  # CPU time: the machine running the tests may be shared
     with pytest.raises(PipelineError) as failure:
         load_pipeline(str(path))
-    elapsed = time.process_time() - start
-    assert elapsed < 10, f"validation took {elapsed:.1f} s of CPU time"
     message = str(failure.value)
     for part in expected:
         assert part in message, message
@@ -153,19 +150,16 @@ def test_bad_recipe_key_fails_naming_the_place(workdir, monkeypatch):
     _fails(workdir, monkeypatch, text, "typo_pretrain.yaml", "line 2: max_stepz", "did you mean 'max_steps'")
 
 
-def test_run_command_fails_fast_before_any_stage(workdir):
+def test_run_command_stops_before_any_stage_opens_its_data(workdir, tmp_path):
     bad = write_recipe(
         workdir / "pipelines" / "dangling.yaml",
         BAD.replace("STAGE", "").replace("REFERENCE", "${stages.pretrain.output_dir}"),
     )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = subprocess.run(
-        [sys.executable, "-m", "trellis.cli", "run", str(bad)], cwd=workdir, capture_output=True, text=True
-    )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 10  # CPU seconds
+    result, opened = run_recording_opens(["-m", "trellis.cli", "run", str(bad)], workdir, tmp_path / "opened")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "dangling.yaml" in result.stderr and "stages[1] (pretrain)" in result.stderr
+    assert str(workdir / "recipes" / "tiny" / "data.yaml") in opened  # the stage recipes were read ...
+    assert not [path for path in opened if path.startswith(str(workdir / "data"))]  # ... not the corpus
     assert not (workdir / "out" / "bad").exists()
 
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trellis.core.bounds import value_bounds
 from trellis.core.recipe import (
+    Problem,
     RecipeError,
     apply_env,
     check_local_paths,
@@ -209,6 +211,9 @@ def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = 
 
     parser = _Parser(dataclass_types)
     parser.set_defaults_with_config(**recipe)
+    problems = _command_line_range_problems(parser, cli_args, dataclass_types)
+    if problems:  # before the dataclasses' own checks, which would name neither the key nor the range
+        raise RecipeError(format_problems("command line", problems))
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=cli_args, return_remaining_strings=True)
     except (ValueError, TypeError) as error:
@@ -228,16 +233,34 @@ def parse_recipe(stage: str, args: list[str] | None = None, check_paths: bool = 
     return tuple(parsed)
 
 
+def _command_line_range_problems(
+    parser: Any, cli_args: list[str], dataclass_types: tuple[type, ...]
+) -> list[Problem]:
+    """Range problems of the values the command line changes (the recipe file's were checked already)."""
+    given, _ = parser.parse_known_args(cli_args)
+    before, _ = parser.parse_known_args([])  # the recipe file's values and the defaults
+    return [
+        Problem(f"--{key}", message)
+        for key, bound in value_bounds(dataclass_types).items()
+        if getattr(given, key, None) != getattr(before, key, None)
+        and (message := bound.problem(getattr(given, key)))
+    ]
+
+
 def validate_recipe_file(path: str, stage: str | None = None, check_paths: bool = True) -> str:
     """Parse a stage recipe exactly as its script would, without training. Returns the stage name."""
-    import torch
-
     stage = stage or stage_of_recipe(path)
     # A GPU recipe (bf16) must validate on a machine without one, so validation runs it as if on CPU.
-    trains = "use_cpu" in field_names(stage_types(stage))  # the data stage has no device
-    on_cpu = ["--use_cpu", "true"] if trains and not torch.cuda.is_available() else []
+    trains = "use_cpu" in field_names(stage_types(stage))  # the data, eval and quantize stages do not
+    on_cpu = ["--use_cpu", "true"] if trains and not _cuda_available() else []
     parse_recipe(stage, ["--config", path, *on_cpu], check_paths)
     return stage
+
+
+def _cuda_available() -> bool:
+    import torch  # only here: the stages that do not train check their recipes without torch (~1.5 s)
+
+    return torch.cuda.is_available()
 
 
 def stage_of_recipe(path: str) -> str:

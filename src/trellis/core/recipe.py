@@ -1,8 +1,8 @@
 """Reading recipes strictly: the YAML file with the line of every key, and checks of keys, types and local paths.
 
 A recipe is checked against the dataclasses its stage fills (trellis.stages names them) before any model or
-dataset loads: unknown keys (with the closest valid key), values of the wrong type, missing required keys
-and local paths that do not exist, each named with the file, the line and the key.
+dataset loads: unknown keys (with the closest valid key), keys written twice, values of the wrong type or
+out of their range (trellis.core.bounds), missing required keys and local paths that do not exist, each named with the file, the line and the key.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from trellis.core.bounds import value_bounds
 from trellis.core.errors import TrellisError
 
 
@@ -47,19 +48,42 @@ def load_recipe_file(path: str) -> tuple[dict, dict[tuple, int]]:
             f"{path}: a recipe must be a mapping of keys to values, got {type(recipe).__name__}"
         )
     lines: dict[tuple, int] = {}
-    _collect_key_lines(root, (), lines)
+    duplicates: list[Problem] = []
+    _collect_key_lines(root, (), lines, duplicates)
+    if duplicates:  # YAML keeps the last of two equal keys without a word; the user meant one of them
+        raise RecipeError(format_problems(path, duplicates))
     return recipe, lines
 
 
-def _collect_key_lines(node: yaml.Node, prefix: tuple, lines: dict[tuple, int]) -> None:
+def _collect_key_lines(
+    node: yaml.Node, prefix: tuple, lines: dict[tuple, int], duplicates: list[Problem]
+) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = (*prefix, key_node.value)
-            lines[key] = key_node.start_mark.line + 1
-            _collect_key_lines(value_node, key, lines)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                duplicates.append(
+                    Problem(
+                        key_path_name(key),
+                        f"written twice (also on line {lines[key]}); YAML would silently keep only this "
+                        "one: delete one of them",
+                        line,
+                    )
+                )
+            lines[key] = line
+            _collect_key_lines(value_node, key, lines, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _collect_key_lines(item, (*prefix, index), lines)
+            _collect_key_lines(item, (*prefix, index), lines, duplicates)
+
+
+def key_path_name(path: tuple) -> str:
+    """('stages', 1, 'overrides', 'seed') -> 'stages[1].overrides.seed'."""
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name
 
 
 def apply_env(env: Any, where: str) -> None:
@@ -135,6 +159,7 @@ def check_recipe(
     for cls in dataclass_types:
         known.update(_fields_with_hints(cls))
         nested_items.update(getattr(cls, "nested_items", {}))
+    bounds = value_bounds(dataclass_types)
     checked, problems = {}, []
     for key, value in recipe.items():
         key = str(key)
@@ -153,6 +178,9 @@ def check_recipe(
                 problems.append(Problem(key, error, line))
                 continue
             value = error.value
+            if key in bounds and (message := bounds[key].problem(value)):
+                problems.append(Problem(key, message, line))
+                continue
         checked[key] = value
     return checked, problems
 
@@ -165,6 +193,7 @@ def _check_items(key: str, value: Any, item_type: type, lines: dict) -> tuple[li
             Problem(key, f"expected a list of mappings with keys among: {example}", lines.get((key,)))
         ]
     fields = _fields_with_hints(item_type)
+    bounds = value_bounds((item_type,))
     required = [f.name for f, _ in fields.values() if f.default is dataclasses.MISSING]
     problems, items = [], []
     for index, item in enumerate(value):
@@ -179,6 +208,8 @@ def _check_items(key: str, value: Any, item_type: type, lines: dict) -> tuple[li
             result = _check_value(item_value, hint, spec)
             if isinstance(result, str):
                 problems.append(Problem(where, result, line))
+            elif name in bounds and (message := bounds[name].problem(result.value)):
+                problems.append(Problem(where, message, line))
             else:
                 checked[name] = result.value
         for name in required:

@@ -248,7 +248,7 @@ class DataArguments:
         self.decontamination_datasets = [as_source(item) for item in self.decontamination_datasets]
 
     def recipe_problems(self) -> list[Problem]:
-        """Checks across the data recipe's keys (trellis.config checks that local paths exist)."""
+        """Checks across the data recipe's keys (trellis.core.recipe checks that local paths exist)."""
         problems = []
         if not self.datasets:
             problems.append(
@@ -257,10 +257,6 @@ class DataArguments:
                     "required: list the raw text, e.g.\n      datasets:\n        - path: corpus/*.jsonl",
                 )
             )
-        for key in ("datasets", "decontamination_datasets"):
-            for index, source in enumerate(getattr(self, key)):
-                if source.weight <= 0:
-                    problems.append(Problem(f"{key}[{index}].weight", f"must be > 0, got {source.weight}"))
         if self.minhash_bands * self.minhash_rows != self.minhash_num_perm:
             problems.append(
                 Problem(

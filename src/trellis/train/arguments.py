@@ -152,10 +152,6 @@ def _data_problems(script: ScriptArguments, training: Any) -> list[Problem]:
     if not script.datasets:
         example = "e.g.\n      datasets:\n        - path: data/train.jsonl"
         problems.append(Problem("datasets", f"required: list the training data, {example}"))
-    for key in ("datasets", "eval_datasets"):
-        for index, source in enumerate(getattr(script, key)):
-            if source.weight <= 0:
-                problems.append(Problem(f"{key}[{index}].weight", f"must be > 0, got {source.weight}"))
     evaluates = (
         training is not None and str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no"
     )
