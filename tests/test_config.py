@@ -181,7 +181,7 @@ def test_a_key_written_twice_is_rejected_naming_both_lines(workdir):
 
 
 def test_pipeline_files_reject_duplicate_keys_and_out_of_range_overrides(workdir):
-    from trellis.pipeline import load_pipeline
+    from trellis.pipeline.spec import load_pipeline
 
     head = "output_dir: out/dup\nstages:\n  - name: sft\n    recipe: recipes/tiny/sft.yaml\n    overrides:\n"
     twice = write_recipe(workdir / "pipelines" / "twice.yaml", head + "      seed: 1\n      seed: 2\n")
