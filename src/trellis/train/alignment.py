@@ -179,7 +179,7 @@ def train_with_mean_reward(
     The measure is `mean_reward` for every online stage (PPO, GRPO, RLOO), so their run records compare.
     """
     from trellis.train import throughput
-    from trellis.train.run import resume_checkpoint
+    from trellis.train.run import checkpoint_to_resume, log_change
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     policy = getattr(model, "policy", model)  # PPO trains policy and value model together
@@ -187,11 +187,8 @@ def train_with_mean_reward(
     def measure() -> dict:
         return mean_reward(policy, reward_model, trainer.processing_class, held_out, response_length)
 
-    checkpoint = resume_checkpoint(trainer.args)
-    if checkpoint:
-        logger.info("Resuming from %s", checkpoint)
-        record.data["resumed_from"] = os.path.basename(checkpoint)
-    elif held_out is not None and eval_before:
+    checkpoint = checkpoint_to_resume(trainer, record)
+    if not checkpoint and held_out is not None and eval_before:
         record.set_metrics("initial", measure())
     time_split = throughput.GenerationTimeSplit(policy)  # logged per update, totals in the record
     trainer.add_callback(time_split)
@@ -204,9 +201,4 @@ def train_with_mean_reward(
     record.set_metrics("time_split", time_split.summary())
     if held_out is not None:
         record.set_metrics("eval", measure())
-        before, after = (
-            record.initial_metrics.get("mean_reward"),
-            record.data["metrics"]["eval"]["mean_reward"],
-        )
-        if before is not None:
-            logger.info("Held-out mean reward: %.3f before training, %.3f after", before, after)
+    log_change(record, "mean_reward")

@@ -107,20 +107,18 @@ def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = 
             check_lengths(trainer, bad_records)
         finally:
             record.save()
-    checkpoint = resume_checkpoint(args)
+    checkpoint = checkpoint_to_resume(trainer, record)
     initial = None
     has_eval = trainer.eval_dataset is not None
-    if checkpoint:
-        logger.info("Resuming from %s", checkpoint)
-        record.data["resumed_from"] = os.path.basename(checkpoint)
-    elif has_eval and eval_before_training and (trainer.accelerator.is_fsdp2 or trainer.is_deepspeed_enabled):
+    evaluate_first = has_eval and eval_before_training and not checkpoint  # (resumed: already recorded)
+    if evaluate_first and (trainer.accelerator.is_fsdp2 or trainer.is_deepspeed_enabled):
         # FSDP2 and DeepSpeed wrap the model together with its optimizer, which the Trainer creates only
         # in train() (an evaluate() before it breaks training): evaluate there, just before the first step.
         logger.info("Evaluating the model before its first training step")
         initial = _FirstEvaluation()
         trainer.add_callback(initial)
         args.eval_on_start = True
-    elif has_eval and eval_before_training:
+    elif evaluate_first:
         logger.info("Evaluating the model before training")
         record.set_metrics("initial", trainer.evaluate(metric_key_prefix="eval"))
 
@@ -144,9 +142,23 @@ def train_and_evaluate(trainer, record: RunRecord, eval_before_training: bool = 
         )
     if has_eval:
         record.set_metrics("eval", trainer.evaluate(metric_key_prefix="eval"))
-    before, after = (record.data["metrics"].get(name, {}).get("eval_loss") for name in ("initial", "eval"))
+    log_change(record, "eval_loss")
+
+
+def checkpoint_to_resume(trainer, record: RunRecord) -> str | None:
+    """The run's last checkpoint in output_dir (named in the run record), or None for a fresh start."""
+    checkpoint = resume_checkpoint(trainer.args)
+    if checkpoint:
+        logger.info("Resuming from %s", checkpoint)
+        record.data["resumed_from"] = os.path.basename(checkpoint)
+    return checkpoint
+
+
+def log_change(record: RunRecord, metric: str) -> None:
+    """Log a held-out metric before and after training, when both were measured."""
+    before, after = (record.data["metrics"].get(name, {}).get(metric) for name in ("initial", "eval"))
     if before is not None and after is not None:
-        logger.info("Held-out eval_loss: %.4f before training, %.4f after", before, after)
+        logger.info("Held-out %s: %.4f before training, %.4f after", metric, before, after)
 
 
 def save_model_directory(trainer, output_dir: str, final: bool = False) -> None:
