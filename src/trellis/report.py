@@ -18,7 +18,7 @@ from pathlib import Path
 
 from trellis.comparison import RESULTS_JSON, _file_name, markdown
 from trellis.errors import TrellisError
-from trellis.run_record import checkpoints_by_step, read_record
+from trellis.run_record import checkpoints_by_step, machine_summary, read_record
 
 REPORT_MARKDOWN, REPORT_HTML, PLOTS = "report.md", "report.html", "report_plots"
 # The held-out metric each stage kind is there to move, and whether higher is better.
@@ -30,6 +30,11 @@ TARGETS = {
     "dpo": ("eval_loss", False),
 }
 QUANTIZATION_FILES = ("quantization_report.md", "quality_vs_size.png")
+
+
+def target_metric(kind: str | None) -> tuple[str, bool] | None:
+    """The held-out metric a stage kind targets and whether higher is better (None: no target)."""
+    return TARGETS.get(kind)
 
 
 def higher_is_better(metric: str) -> bool | None:
@@ -118,7 +123,7 @@ def stage_metrics(record: dict) -> tuple[list[list[str]], dict | None]:
     metrics = record.get("metrics", {})
     before, after = metrics.get("initial", {}), metrics.get("eval", {})
     rows, verdict = [], None
-    target = TARGETS.get(kind)
+    target = target_metric(kind)
     for name in sorted(set(before) & set(after), key=lambda n: (target is None or n != target[0], n)):
         higher = higher_is_better(name)
         if higher is None and "logps" not in name:  # counters and timings: not a measure of the model
@@ -139,9 +144,23 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
     """The report as markdown (images as relative paths), and each stage's verdict."""
+    from trellis.sweep import SWEEP_DIR, markdown, read_sweep
+
     state_path = Path(pipeline_dir) / "pipeline_run.json"
-    if not state_path.exists():
+    sweep = read_sweep(pipeline_dir)
+    if not state_path.exists() and not sweep:
         raise TrellisError(f"{pipeline_dir}: no pipeline_run.json; run `trellis run PIPELINE.yaml` first")
+    sweep_lines = (
+        [
+            markdown(sweep, heading="##"),
+            f"Each seed's own report: `{pipeline_dir}/{SWEEP_DIR}/seed-N/report.md`.",
+            "",
+        ]
+        if sweep
+        else []
+    )
+    if not state_path.exists():  # only a seed sweep ran here
+        return "\n".join([f"# Pipeline report: {Path(pipeline_dir).name}", "", *sweep_lines]) + "\n", []
     state = json.loads(state_path.read_text())
     plots = Path(pipeline_dir) / PLOTS
     shutil.rmtree(plots, ignore_errors=True)
@@ -198,8 +217,26 @@ def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
         _table(["stage", "kind", "status", "this run", "time", "target metric (held-out)"], summary),
         "",
     ]
+    lines += _machine_lines(state)
     lines += sections
+    lines += sweep_lines
     return "\n".join(lines) + "\n", verdicts
+
+
+def _machine_lines(state: dict) -> list[str]:
+    """'Machine: ...' naming what produced the stages' records (per stage where they differ, e.g. in threads)."""
+    records = {
+        name: read_record(entry["output_dir"]) or {} for name, entry in state.get("stages", {}).items()
+    }
+    records = {name: record for name, record in records.items() if record.get("machine")}
+    # Stages that never imported torch (data) say less: name the machine by those that did, if any.
+    records = {n: r for n, r in records.items() if "torch_threads" in r["machine"]} or records
+    by_stage = {name: machine_summary(r["machine"], r.get("packages")) for name, r in records.items()}
+    if not by_stage:
+        return []
+    if len(set(by_stage.values())) == 1:
+        return [f"Machine: {next(iter(by_stage.values()))}.", ""]
+    return ["Machines:", "", *(f"- {name}: {summary}" for name, summary in by_stage.items()), ""]
 
 
 def _stage_extras(kind: str, output_dir: str, plots: Path, name: str) -> list[str]:
