@@ -163,3 +163,18 @@ def test_sweep_rerun_skips_every_stage_of_every_seed(sweep, workdir):
         assert {
             n: read_record(str(sweep / "seeds" / f"seed-{seed}" / n))["started_at"] for n in STAGES
         } == started[seed]
+
+
+def test_a_path_written_out_to_another_stages_output_is_refused_before_any_stage(workdir, monkeypatch):
+    from trellis.pipeline import PipelineError
+    from trellis.sweep import run_sweep
+
+    monkeypatch.chdir(workdir)
+    text = SWEPT.replace("swept", "literal").replace("${stages.data.output_dir}", "out/literal/data", 1)
+    pipeline = write_recipe(workdir / "pipelines" / "literal.yaml", text)
+    with pytest.raises(PipelineError) as failure:
+        run_sweep(str(pipeline), [0, 1])
+    message = str(failure.value)
+    assert "literal.yaml: stage 'pretrain' key 'dataset_path' names 'out/literal/data'" in message
+    assert "${stages.data.output_dir}" in message
+    assert not (workdir / "out" / "literal").exists()

@@ -88,19 +88,26 @@ def seeded_pipeline_file(path: str, pipeline, seed: int) -> str:
     return seeded
 
 
-def _check_moved(original, seeded) -> None:
+def _check_moved(path: str, pipeline) -> None:
     """Every stage of a seed must read the outputs of the same seed: a path to another stage's output
-    written out in full (not as a reference) would read the unswept run's."""
+    written out in full (not as a `${stages...}` reference) would read the unswept run's."""
+    from trellis.config import load_recipe_file
     from trellis.pipeline import PUBLISH, PipelineError, _is_within, _strings
 
-    outputs = {stage.name: stage.output_dir for stage in original.stages if stage.kind != PUBLISH}
-    for stage in seeded.stages:
-        for key, value in stage.resolved.items():
+    raw, _ = load_recipe_file(path)
+    outputs = {stage.name: stage.output_dir for stage in pipeline.stages if stage.kind != PUBLISH}
+    for entry, stage in zip(raw["stages"], pipeline.stages, strict=True):
+        written = (
+            entry
+            if stage.kind == PUBLISH
+            else {**load_recipe_file(stage.recipe)[0], **(entry.get("overrides") or {})}
+        )
+        for key, value in written.items():
             for text in _strings(value) if key != "output_dir" else ():
                 for name, output in outputs.items():
                     if _is_within(text, output):
                         raise PipelineError(
-                            f"{original.path}: stage {stage.name!r} key {key!r} names {text!r}, the output of "
+                            f"{path}: stage {stage.name!r} key {key!r} names {text!r}, the output of "
                             f"stage {name!r} written out as a path, so a seed sweep cannot move it; write "
                             f"${{stages.{name}.output_dir}} instead (in the stage's overrides or its recipe)"
                         )
@@ -113,9 +120,8 @@ def run_sweep(
     from trellis.pipeline import _say, load_pipeline, run_pipeline
 
     pipeline = load_pipeline(path)  # the user's file first: its problems are named with its own lines
+    _check_moved(path, pipeline)
     files = [seeded_pipeline_file(path, pipeline, seed) for seed in seeds]
-    for file in files:
-        _check_moved(pipeline, load_pipeline(file))
     for number, (seed, file) in enumerate(zip(seeds, files, strict=True), 1):
         _say(f"\n######## seed {seed} ({number}/{len(seeds)}): {file} ########")
         run_pipeline(file, start=start, only=only, dry_run=dry_run)
