@@ -134,7 +134,7 @@ def test_sweep_table_holds_each_seeds_recorded_metrics(sweep):
     text = (sweep / "seeds" / "sweep.md").read_text()
     low, high = (f"{value:.4g}" for value in after)
     assert "| pretrain | eval_loss |" in text and f"[{low}, {high}] | 2/2 seeds |" in text
-    assert "| tiny_corpus.perplexity |" in text and "Machine: " in text and "on 1 threads" in text
+    assert "| tiny_corpus.perplexity |" in text and "Machine: " in text and "on 1 thread (" in text
 
 
 @pytest.mark.slow
@@ -146,7 +146,7 @@ def test_report_shows_the_sweep_and_the_machine(sweep, workdir):
     machine = read_record(str(sweep / "seeds" / "seed-0" / "pretrain"))["machine"]
     assert machine["torch_threads"] == 1  # the pipeline's OMP_NUM_THREADS
     line = next(line for line in seed_report.splitlines() if line.startswith("Machine: "))
-    assert machine["cpu"] in line and "on 1 threads" in line and "torch 2." in line
+    assert machine["cpu"] in line and "on 1 thread (" in line and "torch 2." in line
 
 
 @pytest.mark.slow

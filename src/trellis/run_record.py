@@ -149,7 +149,8 @@ def machine_summary(machine: dict, packages: dict | None = None) -> str:
     }
     torch = [f"torch {versions.pop('torch')}"] if "torch" in versions else []
     if "torch_threads" in machine:
-        threads = f"{machine['torch_threads']} threads ({machine.get('torch_cpu_capability')} kernels)"
+        count = machine["torch_threads"]
+        threads = f"{count} thread{'s' * (count != 1)} ({machine.get('torch_cpu_capability')} kernels)"
         torch = [f"{torch[0]} on {threads}" if torch else f"torch on {threads}"]
     return "; ".join([text, *torch, *(f"{name} {version}" for name, version in versions.items())])
 
