@@ -144,7 +144,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
     """The report as markdown (images as relative paths), and each stage's verdict."""
-    from trellis.sweep import SWEEP_DIR, markdown, read_sweep
+    from trellis.sweep import SWEEP_DIR, read_sweep
+    from trellis.sweep import markdown as sweep_markdown
 
     state_path = Path(pipeline_dir) / "pipeline_run.json"
     sweep = read_sweep(pipeline_dir)
@@ -152,7 +153,7 @@ def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
         raise TrellisError(f"{pipeline_dir}: no pipeline_run.json; run `trellis run PIPELINE.yaml` first")
     sweep_lines = (
         [
-            markdown(sweep, heading="##"),
+            sweep_markdown(sweep, heading="##"),
             f"Each seed's own report: `{pipeline_dir}/{SWEEP_DIR}/seed-N/report.md`.",
             "",
         ]

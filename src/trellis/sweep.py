@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from trellis.errors import TrellisError
-from trellis.run_record import read_record
+from trellis.run_record import machine_summary, read_record
 
 # The pipeline machinery is imported where it runs: `trellis report` reads a sweep without it (and trl).
 SWEEP_DIR = "seeds"
@@ -52,7 +52,8 @@ def seed_dir(output_dir: str, seed: int) -> str:
 
 
 def takes_seed(kind: str) -> bool:
-    """Whether the stage kind's recipe has a `seed` key (its default applies when the recipe omits it)."""
+    """Whether the stage kind's recipe takes a `seed` key (set by the sweep even where a recipe leaves it
+    at its default: a seed left fixed would hide that stage's share of the spread)."""
     from trellis.config import stage_types
     from trellis.pipeline import PUBLISH
 
@@ -70,9 +71,8 @@ def seeded_pipeline_file(path: str, pipeline, seed: int) -> str:
     raw = copy.deepcopy(raw)
     root = seed_dir(pipeline.output_dir, seed)
     raw.update(name=f"{pipeline.name}-seed-{seed}", output_dir=root)
-    for entry, stage in zip(
-        raw["stages"], pipeline.stages, strict=True
-    ):  # load_pipeline kept every entry, in order
+    # load_pipeline kept every entry, in order
+    for entry, stage in zip(raw["stages"], pipeline.stages, strict=True):
         if stage.kind == PUBLISH:
             entry["dry_run"] = True  # one model per seed is for measuring, not for the Hub
             continue
@@ -186,7 +186,7 @@ def collect(path: str, output_dir: str, seeds: list[int]) -> dict:
     return {
         "pipeline": path,
         "seeds": seeds,
-        "runs": {str(seed): seed_dir(output_dir, seed) for seed in seeds},
+        "runs_dir": os.path.join(output_dir, SWEEP_DIR),
         "machine": machine,
         "packages": packages,
         "targets": [
@@ -227,13 +227,11 @@ def spread(values: dict[str, float]) -> str:
 
 def markdown(sweep: dict, heading: str = "#") -> str:
     """The sweep as markdown: a table of target metrics, then one table per evaluation stage."""
-    from trellis.run_record import machine_summary
-
     seeds = sweep["seeds"]
     lines = [
         f"{heading} Seed sweep: {len(seeds)} seeds ({', '.join(map(str, seeds))})",
         "",
-        f"`{sweep['pipeline']}` once per seed (runs in `{os.path.dirname(next(iter(sweep['runs'].values())))}/`); "
+        f"`{sweep['pipeline']}` once per seed (runs in `{sweep['runs_dir']}/seed-N/`); "
         "each cell is the median [min, max] over the seeds.",
         "",
     ]
