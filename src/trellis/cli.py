@@ -69,11 +69,25 @@ def average(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.seeds:
+        from trellis.pipeline.sweep import run_sweep
+
+        run_sweep(args.pipeline, args.seeds, start=args.start, only=args.only, dry_run=args.dry_run)
+        return 0
     from trellis.pipeline.runner import run_pipeline
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_pipeline(args.pipeline, start=args.start, only=args.only, dry_run=args.dry_run)
     return 0
+
+
+def _seeds(text: str) -> list[int]:
+    from trellis.pipeline.sweep import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def report(args: argparse.Namespace) -> int:
@@ -100,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run",
         action="store_true",
         help="check everything and print what would run, with memory estimates",
+    )
+    pipeline.add_argument(
+        "--seeds",
+        type=_seeds,
+        metavar="SEEDS",
+        help="run once per seed (e.g. 0-4 or 0,2,5) into OUTPUT_DIR/seeds/seed-N/ and write "
+        "OUTPUT_DIR/seeds/sweep.md: every target and evaluation metric as median [min, max]",
     )
     pipeline.set_defaults(run=run)
 

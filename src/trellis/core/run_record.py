@@ -9,8 +9,10 @@ So a directory whose record does not say "complete" is never mistaken for a fini
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -78,6 +80,96 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+# CPU features that decide which kernels torch runs, and so the last digits of every number.
+CPU_FLAG_PREFIXES = ("avx2", "avx512", "amx", "avx_vnni")
+
+
+def _cpu() -> tuple[str, list[str]]:
+    """The CPU model and its flags that matter, from the first processor in /proc/cpuinfo (Linux)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():
+                    break  # the first processor is enough: the others are the same model
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = (fields.get("flags") or fields.get("Features") or "").split()
+    return model, sorted(flag for flag in flags if flag.startswith(CPU_FLAG_PREFIXES))
+
+
+def _gpus() -> list[str]:
+    """GPU names: from the NVIDIA driver's /proc files, else from torch when it has already started CUDA
+    (never started here: that would claim memory on device 0 in every process)."""
+    names = []
+    for path in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
+        with open(path) as information:
+            names += [line.split(":", 1)[1].strip() for line in information if line.startswith("Model:")]
+    torch = sys.modules.get("torch")
+    if not names and torch is not None and torch.cuda.is_initialized():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return names
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine that produced a result: CPU model and flags, cores, GPUs, torch's threads and kernels.
+
+    Cheap (reads /proc; imports nothing): torch's settings are recorded only if the process imported it."""
+    model, flags = _cpu()
+    info: dict[str, Any] = {
+        "cpu": model,
+        "cpu_flags": flags,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "gpus": _gpus(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # e.g. AVX512
+    return info
+
+
+def machine_summary(machine: dict, packages: dict | None = None) -> str:
+    """One line naming the machine, e.g. 'AMD EPYC (avx2, avx512f, ...), 2 cores (2 usable), no GPU; torch
+    2.13.0 on 2 threads (AVX512 kernels)'."""
+    flags = f" ({_flag_groups(machine['cpu_flags'])})" if machine.get("cpu_flags") else ""
+    cores = f"{machine.get('cores')} cores"
+    if machine.get("usable_cores") not in (None, machine.get("cores")):
+        cores += f" ({machine['usable_cores']} usable)"
+    gpus = ", ".join(machine.get("gpus") or []) or "no GPU"
+    text = f"{machine.get('cpu')}{flags}, {cores}, {gpus}"
+    versions = {
+        name: version for name, version in (packages or {}).items() if version and name in _SHOWN_PACKAGES
+    }
+    torch = [f"torch {versions.pop('torch')}"] if "torch" in versions else []
+    if "torch_threads" in machine:
+        count = machine["torch_threads"]
+        threads = f"{count} thread{'s' * (count != 1)} ({machine.get('torch_cpu_capability')} kernels)"
+        torch = [f"{torch[0]} on {threads}" if torch else f"torch on {threads}"]
+    return "; ".join([text, *torch, *(f"{name} {version}" for name, version in versions.items())])
+
+
+def _flag_groups(flags: list[str]) -> str:
+    """'avx2, avx512 (bf16 bw f vl), amx (bf16 tile)' from the flags' names."""
+    groups: dict[str, list[str]] = {}
+    for flag in flags:
+        family = next((prefix for prefix in ("avx512", "amx") if flag.startswith(prefix)), flag)
+        groups.setdefault(family, []).append(flag[len(family) :].lstrip("_"))
+    return ", ".join(
+        family if parts == [""] else f"{family} ({' '.join(sorted(parts))})"
+        for family, parts in groups.items()
+    )
+
+
+_SHOWN_PACKAGES = ("torch", "transformers", "trl", "accelerate", "peft")
+
+
 def git_commit() -> dict[str, Any] | None:
     """The commit of the Trellis checkout that ran, and whether it had local changes."""
     root = Path(__file__).resolve().parents[3]
@@ -143,6 +235,7 @@ class RunRecord:
             "command": redact_argv(sys.argv),
             "config": redact({name: config_dict(obj) for name, obj in configs.items()}),
             "packages": package_versions(),
+            "machine": machine_info(),
             "git": git_commit(),
             "inputs": {},
             # A resumed run keeps what the interrupted one measured before training.
@@ -174,6 +267,7 @@ class RunRecord:
             status=status,
             finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             duration_s=round(time.monotonic() - self._start, 1),
+            machine=machine_info(),  # again: torch (its threads) may have been imported since the start
             **extra,
         )
         self.save()

@@ -26,8 +26,8 @@ from trellis.core.run_record import RunRecord, git_commit, read_record, redact
 from trellis.core.tables import markdown_table, number
 from trellis.evaluate import comparison
 from trellis.evaluate.comparison import RESULTS_JSON, markdown
-from trellis.pipeline.report import stage_metrics
 from trellis.pipeline.spec import PUBLISH, Pipeline, Stage, ancestry, is_within
+from trellis.pipeline.verdicts import stage_metrics
 from trellis.stages import STAGES
 
 logger = logging.getLogger("trellis")

@@ -17,25 +17,13 @@ import shutil
 from pathlib import Path
 
 from trellis.core.errors import TrellisError
-from trellis.core.run_record import checkpoints_by_step, read_record
+from trellis.core.run_record import checkpoints_by_step, machine_summary, read_record
 from trellis.core.tables import markdown_table, number
 from trellis.evaluate.comparison import RESULTS_JSON, markdown, plot_file_name
-from trellis.stages import STAGES
+from trellis.pipeline.verdicts import stage_metrics
 
 REPORT_MARKDOWN, REPORT_HTML, PLOTS = "report.md", "report.html", "report_plots"
 QUANTIZATION_FILES = ("quantization_report.md", "quality_vs_size.png")
-
-
-def higher_is_better(metric: str) -> bool | None:
-    """A metric's direction from its name; None when the name does not say (e.g. a rejected reply's reward)."""
-    name = metric.lower()
-    if "rejected" in name or name.endswith(("_runtime", "_per_second")):
-        return None
-    if any(word in name for word in ("loss", "perplexity", "bits_per_byte")):
-        return False
-    if any(word in name for word in ("accura", "acc", "reward", "margin", "exact_match")):
-        return True
-    return None
 
 
 def trainer_log_history(output_dir: str) -> list[dict]:
@@ -99,32 +87,26 @@ def plot_training_curves(history: list[dict], title: str, path: Path) -> bool:
     return True
 
 
-def stage_metrics(record: dict) -> tuple[list[list[str]], dict | None]:
-    """Rows (metric, before, after, change) of the held-out metrics recorded before and after training,
-    and the target metric's verdict."""
-    kind = record.get("stage")
-    metrics = record.get("metrics", {})
-    before, after = metrics.get("initial", {}), metrics.get("eval", {})
-    rows, verdict = [], None
-    target = STAGES[kind].target if kind in STAGES else None
-    for name in sorted(set(before) & set(after), key=lambda n: (target is None or n != target.metric, n)):
-        higher = higher_is_better(name)
-        if higher is None and "logps" not in name:  # counters and timings: not a measure of the model
-            continue
-        change = after[name] - before[name]
-        better = None if higher is None or change == 0 else (change > 0) == higher
-        mark = "" if better is None else (" ▲" if better else " ▼")
-        rows.append([name, number(before[name]), number(after[name]), f"{change:+.4g}{mark}"])
-        if target and name == target.metric:
-            verdict = {"metric": name, "before": before[name], "after": after[name], "improved": bool(better)}
-    return rows, verdict
-
-
 def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
     """The report as markdown (images as relative paths), and each stage's verdict."""
+    from trellis.pipeline.seed_table import SWEEP_DIR, read_sweep
+    from trellis.pipeline.seed_table import markdown as sweep_markdown
+
     state_path = Path(pipeline_dir) / "pipeline_run.json"
-    if not state_path.exists():
+    sweep = read_sweep(pipeline_dir)
+    if not state_path.exists() and not sweep:
         raise TrellisError(f"{pipeline_dir}: no pipeline_run.json; run `trellis run PIPELINE.yaml` first")
+    sweep_lines = (
+        [
+            sweep_markdown(sweep, heading="##"),
+            f"Each seed's own report: `{pipeline_dir}/{SWEEP_DIR}/seed-N/report.md`.",
+            "",
+        ]
+        if sweep
+        else []
+    )
+    if not state_path.exists():  # only a seed sweep ran here
+        return "\n".join([f"# Pipeline report: {Path(pipeline_dir).name}", "", *sweep_lines]) + "\n", []
     state = json.loads(state_path.read_text())
     plots = Path(pipeline_dir) / PLOTS
     shutil.rmtree(plots, ignore_errors=True)
@@ -181,8 +163,26 @@ def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
         markdown_table(["stage", "kind", "status", "this run", "time", "target metric (held-out)"], summary),
         "",
     ]
+    lines += _machine_lines(state)
     lines += sections
+    lines += sweep_lines
     return "\n".join(lines) + "\n", verdicts
+
+
+def _machine_lines(state: dict) -> list[str]:
+    """'Machine: ...' naming what produced the stages' records (per stage where they differ, e.g. in threads)."""
+    records = {
+        name: read_record(entry["output_dir"]) or {} for name, entry in state.get("stages", {}).items()
+    }
+    records = {name: record for name, record in records.items() if record.get("machine")}
+    # Stages that never imported torch (data) say less: name the machine by those that did, if any.
+    records = {n: r for n, r in records.items() if "torch_threads" in r["machine"]} or records
+    by_stage = {name: machine_summary(r["machine"], r.get("packages")) for name, r in records.items()}
+    if not by_stage:
+        return []
+    if len(set(by_stage.values())) == 1:
+        return [f"Machine: {next(iter(by_stage.values()))}.", ""]
+    return ["Machines:", "", *(f"- {name}: {summary}" for name, summary in by_stage.items()), ""]
 
 
 def _stage_extras(kind: str, output_dir: str, plots: Path, name: str) -> list[str]:

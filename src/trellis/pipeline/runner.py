@@ -60,7 +60,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(message, flush=True)
 
 
@@ -73,7 +73,7 @@ def run_pipeline(
     selected = selected_stages(pipeline, start, only)
     forced = {stage.name for stage in selected} if (start or only) else set()
     state = load_state(pipeline)
-    _say(
+    say(
         f"Pipeline {pipeline.name!r} ({path}): {len(pipeline.stages)} stages, valid in {time.monotonic() - started:.1f} s"
     )
     for stage in pipeline.stages:
@@ -121,7 +121,7 @@ def run_pipeline(
     from trellis.pipeline.report import write_report
 
     report = write_report(pipeline.output_dir)
-    _say(f"\nPipeline {pipeline.name!r} complete in {time.monotonic() - started:.0f} s. Report: {report}")
+    say(f"\nPipeline {pipeline.name!r} complete in {time.monotonic() - started:.0f} s. Report: {report}")
     return state
 
 
@@ -138,18 +138,18 @@ def run_stage(
         action = "run"
     position = f"[{stage.index + 1}/{len(pipeline.stages)}] {stage.name}"
     if action == "skip":
-        _say(f"\n==== {position}: up to date (same config and inputs), skipped ====")
+        say(f"\n==== {position}: up to date (same config and inputs), skipped ====")
         state["stages"].setdefault(stage.name, {})["last_action"] = "skipped"
         save_state(pipeline, state)
         return
     if action == "run" and os.path.exists(stage.output_dir):
-        _say(f"{stage.output_dir}: config or inputs changed since it was made; starting it afresh")
+        say(f"{stage.output_dir}: config or inputs changed since it was made; starting it afresh")
         shutil.rmtree(stage.output_dir)
     argv = None if stage.kind == PUBLISH else command(stage, pipeline)
     entry = state["stages"][stage.name] = _running_entry(stage, pipeline, action, argv)
     save_state(pipeline, state)
     resuming = " resuming" if action == "resume" else ""
-    _say(f"\n==== {position} ({stage.kind}){resuming} ====\n$ {entry['command']}\nlog: {entry['log']}")
+    say(f"\n==== {position} ({stage.kind}){resuming} ====\n$ {entry['command']}\nlog: {entry['log']}")
     start = time.monotonic()
     if argv:
         returncode = stream(argv, Path(entry["log"]), {**os.environ, **pipeline.env, **stage.env})
@@ -172,7 +172,7 @@ def run_stage(
         metrics=record.get("metrics", {}),
     )
     save_state(pipeline, state)
-    _say(f"==== {stage.name} done in {entry['duration_s']:.0f} s ====")
+    say(f"==== {stage.name} done in {entry['duration_s']:.0f} s ====")
 
 
 def _running_entry(stage: Stage, pipeline: Pipeline, action: str, argv: list[str] | None) -> dict:
