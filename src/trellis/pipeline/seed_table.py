@@ -10,6 +10,7 @@ from pathlib import Path
 
 from trellis.core.errors import TrellisError
 from trellis.core.run_record import machine_summary, read_record
+from trellis.core.tables import markdown_table, number
 from trellis.evaluate.comparison import RESULTS_JSON
 from trellis.pipeline.verdicts import stage_metrics
 
@@ -97,8 +98,8 @@ def spread(values: dict[str, float]) -> str:
     """'median [min, max]' of the values over seeds."""
     summary = _summary(values)
     if summary["n"] == 1:
-        return f"{summary['median']:.4g}"
-    return f"{summary['median']:.4g} [{summary['min']:.4g}, {summary['max']:.4g}]"
+        return number(summary["median"])
+    return f"{number(summary['median'])} [{number(summary['min'])}, {number(summary['max'])}]"
 
 
 def markdown(sweep: dict, heading: str = "#") -> str:
@@ -114,32 +115,27 @@ def markdown(sweep: dict, heading: str = "#") -> str:
     if sweep.get("machine"):
         lines += [f"Machine: {machine_summary(sweep['machine'], sweep.get('packages'))}.", ""]
     if sweep["targets"]:
-        lines += [
-            "| stage | target metric (held-out) | before | after | improved |",
-            "| --- | --- | --- | --- | --- |",
+        rows = [
+            [row["stage"], row["metric"], spread(row["before"]), spread(row["after"])]
+            + [f"{sum(row['improved'].values())}/{len(row['improved'])} seeds"]
+            for row in sweep["targets"]
         ]
-        for row in sweep["targets"]:
-            improved = sum(row["improved"].values())
-            lines.append(
-                f"| {row['stage']} | {row['metric']} | {spread(row['before'])} | {spread(row['after'])} "
-                f"| {improved}/{len(row['improved'])} seeds |"
-            )
-        lines.append("")
+        header = ["stage", "target metric (held-out)", "before", "after", "improved"]
+        lines += [markdown_table(header, rows), ""]
     for stage in dict.fromkeys(row["stage"] for row in sweep["evaluation"]):
         rows = [row for row in sweep["evaluation"] if row["stage"] == stage]
         checkpoints = list(dict.fromkeys(row["checkpoint"] for row in rows))
         cells = {(row["metric"], row["checkpoint"]): spread(row["values"]) for row in rows}
+        table = [
+            [metric, *(cells.get((metric, c), "-") for c in checkpoints)]
+            for metric in dict.fromkeys(row["metric"] for row in rows)
+        ]
         lines += [
             f"Evaluation table of stage `{stage}`:",
             "",
-            "| metric | " + " | ".join(checkpoints) + " |",
-            "| --- |" + " --- |" * len(checkpoints),
+            markdown_table(["metric", *checkpoints], table),
+            "",
         ]
-        for metric in dict.fromkeys(row["metric"] for row in rows):
-            lines.append(
-                f"| {metric} | " + " | ".join(cells.get((metric, c), "-") for c in checkpoints) + " |"
-            )
-        lines.append("")
     return "\n".join(lines)
 
 
