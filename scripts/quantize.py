@@ -50,12 +50,12 @@ def main() -> None:
         for variant in to_make:
             variants.quantize_variant(args, variant, tokenizer, calibration)
 
-        results = {}
+        measured = {}
         for checkpoint in variants.checkpoints(args):
             result = measurement.measure(args, checkpoint, tokenizer, manager)
             record.set_metrics(checkpoint.name, {**result["metrics"], **result["resources"]})
-            results[checkpoint.name] = result
-        report = results.build_report(args, results)
+            measured[checkpoint.name] = result
+        report = results.build_report(args, measured)
         results.write_report(args.output_dir, report)
         results.write_model_cards(args, report)
         record.data["best_variant"] = report["best"]
