@@ -366,3 +366,22 @@ def test_report_of_an_evaluation_only_pipeline_copies_its_plots(tmp_path):
     report, _ = build_report(str(tmp_path))  # no training stage drew a curve before the evaluation's plots
     assert f"]({PLOTS}/eval_{plot_file_name('qa.acc')})" in report
     assert (tmp_path / PLOTS / f"eval_{plot_file_name('qa.acc')}").read_bytes() == b"png"
+
+
+def test_report_lists_the_records_a_stage_dropped(tmp_path):
+    from trellis.pipeline.report import build_report
+
+    out = tmp_path / "sft"
+    dropped = {"empty_turn": {"count": 3, "file": "chats.jsonl", "line": 7}}
+    bad_records = {
+        "sources": [{"split": "train", "source": "chats.jsonl", "read": 200, "kept": 197, "dropped": dropped}]
+    }
+    out.mkdir()
+    (out / "trellis_run.json").write_text(
+        json.dumps({"stage": "sft", "status": "complete", "bad_records": bad_records})
+    )
+    stages = {"sft": {"output_dir": str(out), "stage": "sft", "status": "complete"}}
+    (tmp_path / PIPELINE_RUN).write_text(json.dumps({"name": "one", "stages": stages}))
+
+    report, _ = build_report(str(tmp_path))
+    assert "| `chats.jsonl` (train) | empty_turn | 3 | 200 |" in report

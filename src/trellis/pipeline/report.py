@@ -20,6 +20,8 @@ from trellis.core.errors import TrellisError
 from trellis.core.run_record import checkpoints_by_step, machine_summary, read_record
 from trellis.core.tables import markdown_table, number
 from trellis.evaluate.comparison import RESULTS_JSON, markdown, plot_file_name
+from trellis.pipeline.seed_table import SWEEP_DIR, read_sweep
+from trellis.pipeline.seed_table import markdown as sweep_markdown
 from trellis.pipeline.verdicts import stage_metrics
 
 REPORT_MARKDOWN, REPORT_HTML, PLOTS = "report.md", "report.html", "report_plots"
@@ -89,9 +91,6 @@ def plot_training_curves(history: list[dict], title: str, path: Path) -> bool:
 
 def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
     """The report as markdown (images as relative paths), and each stage's verdict."""
-    from trellis.pipeline.seed_table import SWEEP_DIR, read_sweep
-    from trellis.pipeline.seed_table import markdown as sweep_markdown
-
     state_path = Path(pipeline_dir) / "pipeline_run.json"
     sweep = read_sweep(pipeline_dir)
     if not state_path.exists() and not sweep:
@@ -127,46 +126,57 @@ def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
         rows, verdict = stage_metrics(record)
         if verdict:
             verdicts.append({"stage": name, **verdict})
-        target = (
-            f"{verdict['metric']} {number(verdict['before'])} → {number(verdict['after'])} "
-            f"{'improved' if verdict['improved'] else 'NOT improved'}"
-            if verdict
-            else "-"
-        )
-        summary.append(
-            [
-                name,
-                kind,
-                record.get("status", entry.get("status", "-")),
-                entry.get("last_action", "-"),
-                number(duration) + " s",
-                target,
-            ]
-        )
-        section = [f"## {name} ({kind})", ""]
+        target = "-"
+        if verdict:
+            change = "improved" if verdict["improved"] else "NOT improved"
+            target = f"{verdict['metric']} {number(verdict['before'])} → {number(verdict['after'])} {change}"
+        status = record.get("status", entry.get("status", "-"))
+        summary.append([name, kind, status, entry.get("last_action", "-"), number(duration) + " s", target])
+        sections.append(_stage_section(name, kind, entry, record, rows, plots))
+    header = ["stage", "kind", "status", "this run", "time", "target metric (held-out)"]
+    lines += [markdown_table(header, summary), "", *_machine_lines(state), *sections, *sweep_lines]
+    return "\n".join(lines) + "\n", verdicts
+
+
+def _stage_section(name: str, kind: str, entry: dict, record: dict, rows: list, plots: Path) -> str:
+    """One stage: where it wrote and from what, its held-out metrics, the records it dropped, its curves."""
+    duration = record.get("duration_s", entry.get("duration_s"))
+    section = [
+        f"## {name} ({kind})",
+        "",
+        f"Output `{entry['output_dir']}`; {entry.get('last_action', '')} in this run; took {number(duration)} s; "
+        f"config hash `{entry.get('config_hash')}`.",
+    ]
+    if entry.get("resolved_recipe"):
         section.append(
-            f"Output `{entry['output_dir']}`; {entry.get('last_action', '')} in this run; took {number(duration)} s; config hash `{entry.get('config_hash')}`."
+            f"Recipe: `{entry['resolved_recipe']}` (from `{entry.get('recipe')}`); log: `{entry.get('log')}`."
         )
-        if entry.get("resolved_recipe"):
-            section.append(
-                f"Recipe: `{entry['resolved_recipe']}` (from `{entry.get('recipe')}`); log: `{entry.get('log')}`."
-            )
-        section.append("")
-        if rows:
-            section += [markdown_table(["held-out metric", "before", "after", "change"], rows), ""]
-        history = trainer_log_history(entry["output_dir"])
-        if plot_training_curves(history, f"{name}: training", plots / f"{name}_loss.png"):
-            section += [f"![{name} training curves]({PLOTS}/{name}_loss.png)", ""]
-        section += _stage_extras(kind, entry["output_dir"], plots, name)
-        sections.append("\n".join(section))
-    lines += [
-        markdown_table(["stage", "kind", "status", "this run", "time", "target metric (held-out)"], summary),
+    section.append("")
+    if rows:
+        section += [markdown_table(["held-out metric", "before", "after", "change"], rows), ""]
+    section += _dropped_records(record.get("bad_records"))
+    history = trainer_log_history(entry["output_dir"])
+    if plot_training_curves(history, f"{name}: training", plots / f"{name}_loss.png"):
+        section += [f"![{name} training curves]({PLOTS}/{name}_loss.png)", ""]
+    section += _stage_extras(kind, entry["output_dir"], plots, name)
+    return "\n".join(section)
+
+
+def _dropped_records(bad_records: dict | None) -> list[str]:
+    """The records the stage's data loading dropped (trellis.data.bad_records), per source and reason."""
+    rows = [
+        [f"`{source['source']}` ({source['split']})", reason, dropped["count"], source["read"]]
+        for source in (bad_records or {}).get("sources", [])
+        for reason, dropped in source["dropped"].items()
+    ]
+    if not rows:
+        return []
+    return [
+        "Records dropped as unusable:",
+        "",
+        markdown_table(["source", "reason", "dropped", "read"], rows),
         "",
     ]
-    lines += _machine_lines(state)
-    lines += sections
-    lines += sweep_lines
-    return "\n".join(lines) + "\n", verdicts
 
 
 def _machine_lines(state: dict) -> list[str]:
