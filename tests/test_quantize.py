@@ -32,10 +32,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def language_model(workdir, tmp_path_factory) -> Path:
+def language_model(workdir, seed, tmp_path_factory) -> Path:
     """The tiny model (recipes/tiny/model.json) trained in-process on the tiny corpus and the SFT
     conversations, so its held-out perplexity means something and small losses in it show."""
-    model, tokenizer = fresh_tiny_model(workdir)
+    model, tokenizer = fresh_tiny_model(workdir, seed)
     texts = [row["text"] for row in read_jsonl(workdir / "data/tiny/corpus/train.jsonl")]
     texts += [
         tokenizer.apply_chat_template(row["messages"], tokenize=False)
@@ -44,7 +44,7 @@ def language_model(workdir, tmp_path_factory) -> Path:
     ids = [i for text in texts for i in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
     blocks = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for _ in range(100):
         batch = blocks[torch.randint(len(blocks), (16,), generator=generator)]
         loss = model(input_ids=batch, labels=batch).loss
@@ -102,18 +102,25 @@ def expected_weight_bytes(model_dir: Path, bits: int) -> int:
 
 
 @pytest.mark.slow
-def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, quantized):
+def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, quantized, record_property):
     recipe, out = quantized
     report = json.loads((out / quantization.REPORT_JSON).read_text())
     rows = report["checkpoints"]
     assert list(rows) == ["original", "gptq-4bit", "gptq-8bit", "bnb-8bit", "bnb-nf4", "torchao-int8"]
     perplexity = {name: row["metrics"]["tiny_corpus.perplexity"] for name, row in rows.items()}
+    record_property("original_perplexity", perplexity["original"])
+    for name in rows:
+        record_property(f"{name}_perplexity_change", perplexity[name] / perplexity["original"] - 1)
     assert perplexity["original"] < 20, perplexity  # the model knows the corpus: a loss is measurable
     for name in ("gptq-8bit", "bnb-8bit", "torchao-int8"):
         assert abs(perplexity[name] / perplexity["original"] - 1) < EIGHT_BIT_PERPLEXITY_BOUND, perplexity
     for name in ("gptq-4bit", "bnb-nf4"):
         assert abs(perplexity[name] / perplexity["original"] - 1) < FOUR_BIT_PERPLEXITY_BOUND, perplexity
-    assert perplexity["gptq-4bit"] > perplexity["gptq-8bit"] or perplexity["bnb-nf4"] > perplexity["bnb-8bit"]
+    # Fewer bits, smaller files: every 4-bit variant is smaller than every 8-bit one, and those than the
+    # original. (Which of 4 and 8 bits scores better is within the seed spread here, so it is not asserted.)
+    size = {name: row["size_bytes"] for name, row in rows.items()}
+    eight_bit = [size[name] for name in ("gptq-8bit", "bnb-8bit", "torchao-int8")]
+    assert max(size["gptq-4bit"], size["bnb-nf4"]) < min(eight_bit) <= max(eight_bit) < size["original"], size
 
     # On disk: the block weights at 8 or 4 bits, plus their scales and zero points (under 12% more here).
     original_size = rows["original"]["size_bytes"]
