@@ -75,7 +75,8 @@ def main() -> None:
         for seed in parse_range(args.seeds):
             values, failed = run_pytest(args.tests, extra, seed, threads)
             runs.append({"seed": seed, "threads": threads, "values": values, "failed": failed})
-            print(f"seed {seed}, {threads} thread(s): {len(values)} values, failed: {failed or 'none'}")
+            shown = ", ".join(f"{metric} {value:.5g}" for (_, metric), value in sorted(values.items()))
+            print(f"seed {seed}, {threads} thread(s): {shown}; failed: {failed or 'none'}", flush=True)
 
     series: dict[tuple[str, str], list[float]] = defaultdict(list)
     for run in runs:
