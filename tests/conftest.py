@@ -128,8 +128,8 @@ def reward_model(workdir, sft_model, seed, tmp_path_factory) -> Path:
 
 
 def fresh_tiny_model(workdir: Path, seed: int = 0):
-    """The tiny model (recipes/tiny/model.json), untrained (initialised from `seed`), with the tiny tokenizer in ChatML
-    (as the SFT stage builds it)."""
+    """The tiny model (recipes/tiny/model.json), untrained (initialised from `seed`), with the tiny tokenizer
+    in ChatML (as the SFT stage builds it)."""
     import json
 
     import torch
