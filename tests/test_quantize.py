@@ -20,11 +20,12 @@ from trellis import quantization
 from trellis.config import RecipeError, parse_recipe
 from trellis.run_record import read_record
 
-# 4-bit perplexity bound, measured on this model (perplexity 4.09): GPTQ 4-bit +0.08%, NF4 -0.17% (8-bit
-# variants: within 0.04%; at 150 training steps NF4 lost 0.27%). 2% leaves room for other seeds and library
-# versions, not for a broken variant.
-FOUR_BIT_PERPLEXITY_BOUND = 0.02
-EIGHT_BIT_PERPLEXITY_BOUND = 0.01  # issue 7: 8-bit within 1% of the original
+# Held-out perplexity of a variant relative to the original's (docs/test_bounds.md), seeds 0-4, 1 thread,
+# AMD EPYC: 4-bit (GPTQ, NF4) -0.67% to +0.35% (spread 1.02%, either sign: which of 4 and 8 bits scores
+# better is noise here); 8-bit (GPTQ, bitsandbytes, torchao) -0.06% to +0.12% (spread 0.18%). Each bound is
+# over 3x its spread beyond the worst run.
+FOUR_BIT_PERPLEXITY_BOUND = 0.04  # BOUND quantize-4bit
+EIGHT_BIT_PERPLEXITY_BOUND = 0.01  # BOUND quantize-8bit; issue 7: 8-bit within 1% of the original
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -109,9 +110,10 @@ def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, q
     assert list(rows) == ["original", "gptq-4bit", "gptq-8bit", "bnb-8bit", "bnb-nf4", "torchao-int8"]
     perplexity = {name: row["metrics"]["tiny_corpus.perplexity"] for name, row in rows.items()}
     record_property("original_perplexity", perplexity["original"])
-    for name in rows:
+    for name in list(rows)[1:]:
         record_property(f"{name}_perplexity_change", perplexity[name] / perplexity["original"] - 1)
-    assert perplexity["original"] < 20, perplexity  # the model knows the corpus: a loss is measurable
+    # The model knows the corpus, so a loss is measurable: 3.97 / 4.10 / 4.38 (seeds 0-4; untrained: ~634).
+    assert perplexity["original"] < 20, perplexity
     for name in ("gptq-8bit", "bnb-8bit", "torchao-int8"):
         assert abs(perplexity[name] / perplexity["original"] - 1) < EIGHT_BIT_PERPLEXITY_BOUND, perplexity
     for name in ("gptq-4bit", "bnb-nf4"):
