@@ -83,10 +83,11 @@ def main() -> None:
         for key, value in run["values"].items():
             series[key].append(value)
     print(f"\nseeds {args.seeds}, threads {args.threads}\n")
-    print("| test | metric | min | median | max | runs |\n|---|---|---|---|---|---|")
+    print("| test | metric | min | median | max | spread | runs |\n|---|---|---|---|---|---|---|")
     for (test, metric), values in sorted(series.items()):
         low, mid, high = min(values), statistics.median(values), max(values)
-        print(f"| {test} | {metric} | {low:.5g} | {mid:.5g} | {high:.5g} | {len(values)} |")
+        row = f"| {test} | {metric} | {low:.5g} | {mid:.5g} | {high:.5g} | {high - low:.5g} | {len(values)} |"
+        print(row)
     failures = [(r["seed"], r["threads"], name) for r in runs for name in r["failed"]]
     print(f"\nfailed runs: {failures or 'none'}")
     if args.json:
