@@ -299,13 +299,14 @@ def test_tiny_eval_recipe_shows_what_sft_changed(workdir, tmp_path, tiny_sft, re
     record_property("base_perplexity", metrics["tiny_corpus.perplexity"]["base"])
     # What SFT teaches: the untrained base never replies in the answer's form and stops; the SFT model does
     # on most held-out questions, and prefers the well-formed reply to a rude or rambling one more often.
-    # Measured, seeds 0-3, 1 thread (docs/test_bounds.md): SFT form 0.582 / 0.739 / 1.0 (min / median / max),
-    # preference gain 0.090 / 0.097 / 0.104. The form bound is NOT robust (the worst seed is 0.08 above it,
+    # Measured, seeds 0-4, 1 thread (docs/test_bounds.md): SFT form 0.582 / 0.881 / 1.0 (min / median / max),
+    # preference gain 0.090 / 0.090 / 0.104. The form bound is NOT robust (the worst seed is 0.08 above it,
     # the spread 0.42): re-measure once the tiny world of issue 15 item 1 lands.
     assert form["base"] == 0.0 and form["sft"] >= 0.5  # BOUND eval-sft-form
     assert preference["sft"] >= preference["base"] + 0.05  # BOUND eval-sft-preference
     # What it does not teach: facts it never saw. Exact match on held-out facts stays near chance.
-    # BOUND eval-sft-exact-match: 0.030 / 0.097 / 0.134 (seeds 0-3): 0.07 below the bound, spread 0.10.
+    # BOUND eval-sft-exact-match: 0.030 / 0.119 / 0.179 (seeds 0-4): 0.02 below the bound, spread 0.15; NOT
+    # robust either (re-measure with the new tiny world).
     assert metrics["tiny_qa.exact_match"]["sft"] < 0.2
     # The untrained base is near uniform over the 634-token vocabulary.
     # BOUND eval-base-perplexity: 637.44 for every seed (the base is initialised with seed 0).
