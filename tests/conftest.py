@@ -136,9 +136,9 @@ def reward_model(workdir, sft_model, seed, tmp_path_factory) -> Path:
     return out
 
 
-def fresh_tiny_model(workdir: Path):
-    """The tiny model (recipes/tiny/model.json), untrained (seed 0), with the tiny tokenizer in ChatML
-    (as the SFT stage builds it)."""
+def fresh_tiny_model(workdir: Path, seed: int = 0):
+    """The tiny model (recipes/tiny/model.json), untrained (initialised from `seed`), with the tiny tokenizer
+    in ChatML (as the SFT stage builds it)."""
     import json
 
     import torch
@@ -149,7 +149,7 @@ def fresh_tiny_model(workdir: Path):
     tokenizer = AutoTokenizer.from_pretrained(workdir / "data" / "tiny" / "tokenizer")
     values = json.loads((REPO / "recipes" / "tiny" / "model.json").read_text())
     config = AutoConfig.for_model(values.pop("model_type"), **values, vocab_size=len(tokenizer))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     chat.apply_chat_template(model, tokenizer, "chatml")
     return model, tokenizer

@@ -277,15 +277,15 @@ def test_model_index_round_trips_through_huggingface_hub(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_sft(workdir) -> Path:
-    """The SFT model of recipes/tiny/sft.yaml, where recipes/tiny/eval.yaml looks for it."""
-    result = run_script(["sft.py", "--config", "recipes/tiny/sft.yaml"], cwd=workdir)
+def tiny_sft(workdir, seed) -> Path:
+    """The SFT model of recipes/tiny/sft.yaml (the test's seed), where recipes/tiny/eval.yaml looks for it."""
+    result = run_script(["sft.py", "--config", "recipes/tiny/sft.yaml", "--seed", str(seed)], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir / "outputs/tiny/sft"
 
 
 @pytest.mark.slow
-def test_tiny_eval_recipe_shows_what_sft_changed(workdir, tmp_path, tiny_sft):
+def test_tiny_eval_recipe_shows_what_sft_changed(workdir, tmp_path, tiny_sft, record_property):
     out = tmp_path / "eval"
     result = run_script(
         ["evaluate.py", "--config", "recipes/tiny/eval.yaml", "--output_dir", str(out)], cwd=workdir
@@ -294,13 +294,23 @@ def test_tiny_eval_recipe_shows_what_sft_changed(workdir, tmp_path, tiny_sft):
 
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     form, preference = metrics["tiny_qa_form.acc"], metrics["tiny_preference.acc"]
+    record_property("sft_form_acc", form["sft"])
+    record_property("preference_acc_gain", preference["sft"] - preference["base"])
+    record_property("sft_exact_match", metrics["tiny_qa.exact_match"]["sft"])
+    record_property("base_perplexity", metrics["tiny_corpus.perplexity"]["base"])
     # What SFT teaches: the untrained base never replies in the answer's form and stops; the SFT model does
     # on most held-out questions, and prefers the well-formed reply to a rude or rambling one more often.
-    assert form["base"] == 0.0 and form["sft"] >= 0.5
-    assert preference["sft"] >= preference["base"] + 0.05
+    # Measured, seeds 0-4, 1 thread (docs/test_bounds.md): SFT form 0.582 / 0.881 / 1.0 (min / median / max),
+    # preference gain 0.090 / 0.090 / 0.104. The form bound is NOT robust (the worst seed is 0.08 above it,
+    # the spread 0.42): re-measure once the tiny world of issue 15 item 1 lands.
+    assert form["base"] == 0.0 and form["sft"] >= 0.5  # BOUND eval-sft-form
+    assert preference["sft"] >= preference["base"] + 0.05  # BOUND eval-sft-preference
     # What it does not teach: facts it never saw. Exact match on held-out facts stays near chance.
+    # BOUND eval-sft-exact-match: 0.030 / 0.119 / 0.179 (seeds 0-4): 0.02 below the bound, spread 0.15; NOT
+    # robust either (re-measure with the new tiny world).
     assert metrics["tiny_qa.exact_match"]["sft"] < 0.2
     # The untrained base is near uniform over the 634-token vocabulary.
+    # BOUND eval-base-perplexity: 637.44 for every seed (the base is initialised with seed 0).
     assert 550 < metrics["tiny_corpus.perplexity"]["base"] < 750
     row = next(line for line in (out / "results.md").read_text().splitlines() if "tiny_qa_form.acc" in line)
     assert row.startswith("| tiny_qa_form.acc | 0 |") and row.endswith("▲ |")

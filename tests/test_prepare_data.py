@@ -64,12 +64,12 @@ def test_tiny_recipe_writes_the_pretraining_contract(tiny_data_output):
 
 
 @pytest.mark.slow
-def test_a_tiny_llama_learns_from_the_packed_output(tiny_data_output):
+def test_a_tiny_llama_learns_from_the_packed_output(tiny_data_output, seed, record_property):
     """The contract as the pretraining stage uses it: causal-LM training lowers held-out loss."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 2-layer model gains nothing from threads, and loses much on a busy machine
     packed, tokenizer = load_packed(str(tiny_data_output))
@@ -94,7 +94,11 @@ def test_a_tiny_llama_learns_from_the_packed_output(tiny_data_output):
         optimizer.zero_grad()
     after = heldout_loss()
     torch.set_num_threads(threads)
+    record_property("heldout_loss_drop_nats", before - after)
     assert math.isclose(before, math.log(len(tokenizer)), rel_tol=0.1)  # untrained: uniform guess
+    # BOUND prepare-data-learns: drop 3.107 / 3.420 / 3.873 nats (seeds 0-4; one thread, set above), from
+    # ln(634) = 6.45: 4x its spread. Token frequencies alone (a unigram model) give 2.33, so this bound shows
+    # that the blocks train, not that the model uses context.
     assert after < before - 2.0, (before, after)
 
 

@@ -62,11 +62,34 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [value for _, value in sorted(points)] for tag, points in scalars.items()}
 
 
+# The recipe decays the learning rate to its end, where the weights barely move and the model still
+# improves: there EMA and checkpoint averaging only lag (the recipe's EMA 0.5 ends 0.0001 nats better to
+# 0.0002 worse than the raw weights, by CPU). They help where the weights are noisy, so this run keeps a
+# high learning rate (1e-2, constant after warmup) and averages its last, noisy steps: EMA of horizon ~20
+# steps from step 200, and the checkpoints of steps 280, 290 and 300. Measured (docs/test_bounds.md): at
+# 3e-3 the EMA gain was 0.013-0.039 nats and averaging steps 250-300 lagged (-0.006 nats, seed 1); at 2e-2
+# training was unstable (perplexity 5-6).
+NOISY_END = ["--lr_scheduler_type", "constant_with_warmup", "--lr_scheduler_kwargs", "{}"]
+NOISY_END += ["--learning_rate", "1e-2", "--ema_decay", "0.95"]
+NOISY_END += ["--ema_start_step", "200", "--save_steps", "10"]
+
+
 @pytest.mark.slow
-def test_tiny_pretraining_learns_with_ema_and_averaging(workdir, tiny_data_output, tmp_path):
+def test_tiny_pretraining_learns_with_ema_and_averaging(
+    workdir, tiny_data_output, tmp_path, seed, record_property
+):
     out = tmp_path / "pretrain"
     # On CPU, accelerate drops FSDP silently; the stage must say so.
-    result = pretrain(workdir, out, "--report_to", "tensorboard", env={"ACCELERATE_USE_FSDP": "true"})
+    result = pretrain(
+        workdir,
+        out,
+        "--report_to",
+        "tensorboard",
+        "--seed",
+        str(seed),
+        *NOISY_END,
+        env={"ACCELERATE_USE_FSDP": "true"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "Estimated memory per device" in log and "accelerate fell back" in log
@@ -89,6 +112,8 @@ def test_tiny_pretraining_learns_with_ema_and_averaging(workdir, tiny_data_outpu
     assert all(v > 0 for v in scalars["train/tokens_per_second"])
     seen = scalars["train/num_input_tokens_seen"]  # with every training and evaluation log
     assert seen == sorted(seen) and 0.95 < seen[-1] / (300 * 16 * 128) <= 1  # steps x batch x block
+    record_property("train_loss_last_over_first", scalars["train/loss"][-1] / scalars["train/loss"][0])
+    # BOUND pretrain-train-loss: last/first logged loss 0.234 / 0.247 / 0.256 (seeds 0-4, 1 thread).
     assert scalars["train/loss"][-1] < scalars["train/loss"][0] / 2
     assert len(scalars["eval/loss"]) >= 3 and len(scalars["eval/perplexity"]) == len(scalars["eval/loss"])
     assert scalars["eval/perplexity"][-1] == pytest.approx(math.exp(scalars["eval/loss"][-1]), rel=1e-4)
@@ -96,12 +121,23 @@ def test_tiny_pretraining_learns_with_ema_and_averaging(workdir, tiny_data_outpu
 
     record = read_record(str(out))
     metrics = record["metrics"]
+    raw = metrics["eval"]["eval_loss"]
+    ema_gain, averaged_gain = (
+        raw - metrics["eval_ema"]["eval_loss"],
+        raw - metrics["eval_averaged"]["eval_loss"],
+    )
+    record_property("eval_perplexity", metrics["eval"]["eval_perplexity"])
+    record_property("ema_gain_nats", ema_gain)
+    record_property("averaged_gain_nats", averaged_gain)
     untrained = math.exp(metrics["initial"]["eval_loss"])
     assert untrained > 300  # about uniform over the 634-token vocabulary
-    assert metrics["eval"]["eval_perplexity"] < 8, metrics["eval"]
-    # The recipe's EMA (decay 0.5, measured -0.0001 nats) is no worse than the raw weights.
-    assert metrics["eval_ema"]["eval_loss"] <= metrics["eval"]["eval_loss"]
-    assert metrics["eval_averaged"]["eval_loss"] < metrics["initial"]["eval_loss"] / 2
+    # BOUND pretrain-perplexity: 2.749 / 2.877 / 3.035 (min / median / max, seeds 0-4, 1 thread); the
+    # bound is 3x that spread above the worst seed.
+    assert metrics["eval"]["eval_perplexity"] < 4, metrics["eval"]
+    # Held-out loss of the raw weights minus that of the EMA / the averaged checkpoints, nats.
+    # BOUND pretrain-ema: 0.0227 / 0.0356 / 0.0365; BOUND pretrain-averaged: 0.0272 / 0.0287 / 0.0366.
+    assert ema_gain > 0.0, metrics
+    assert averaged_gain > 0.0, metrics
     assert record["memory_estimate_gib"]["total"] > 0
 
     # Every variant is a model directory (safetensors, no pickles) that loads and scores what the record says.

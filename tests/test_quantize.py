@@ -21,11 +21,12 @@ from trellis.core.run_record import read_record
 from trellis.quantize import results, variants
 from trellis.stages import parse_recipe
 
-# 4-bit perplexity bound, measured on this model (perplexity 4.09): GPTQ 4-bit +0.08%, NF4 -0.17% (8-bit
-# variants: within 0.04%; at 150 training steps NF4 lost 0.27%). 2% leaves room for other seeds and library
-# versions, not for a broken variant.
-FOUR_BIT_PERPLEXITY_BOUND = 0.02
-EIGHT_BIT_PERPLEXITY_BOUND = 0.01  # issue 7: 8-bit within 1% of the original
+# Held-out perplexity of a variant relative to the original's (docs/test_bounds.md), seeds 0-4, 1 thread,
+# AMD EPYC: 4-bit (GPTQ, NF4) -0.67% to +0.35% (spread 1.02%, either sign: which of 4 and 8 bits scores
+# better is noise here); 8-bit (GPTQ, bitsandbytes, torchao) -0.06% to +0.12% (spread 0.18%). Each bound is
+# over 3x its spread beyond the worst run.
+FOUR_BIT_PERPLEXITY_BOUND = 0.04  # BOUND quantize-4bit
+EIGHT_BIT_PERPLEXITY_BOUND = 0.01  # BOUND quantize-8bit; issue 7: 8-bit within 1% of the original
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -33,10 +34,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def language_model(workdir, tmp_path_factory) -> Path:
+def language_model(workdir, seed, tmp_path_factory) -> Path:
     """The tiny model (recipes/tiny/model.json) trained in-process on the tiny corpus and the SFT
     conversations, so its held-out perplexity means something and small losses in it show."""
-    model, tokenizer = fresh_tiny_model(workdir)
+    model, tokenizer = fresh_tiny_model(workdir, seed)
     texts = [row["text"] for row in read_jsonl(workdir / "data/tiny/corpus/train.jsonl")]
     texts += [
         tokenizer.apply_chat_template(row["messages"], tokenize=False)
@@ -45,7 +46,7 @@ def language_model(workdir, tmp_path_factory) -> Path:
     ids = [i for text in texts for i in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
     blocks = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for _ in range(100):
         batch = blocks[torch.randint(len(blocks), (16,), generator=generator)]
         loss = model(input_ids=batch, labels=batch).loss
@@ -103,18 +104,26 @@ def expected_weight_bytes(model_dir: Path, bits: int) -> int:
 
 
 @pytest.mark.slow
-def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, quantized):
+def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, quantized, record_property):
     recipe, out = quantized
     report = json.loads((out / results.REPORT_JSON).read_text())
     rows = report["checkpoints"]
     assert list(rows) == ["original", "gptq-4bit", "gptq-8bit", "bnb-8bit", "bnb-nf4", "torchao-int8"]
     perplexity = {name: row["metrics"]["tiny_corpus.perplexity"] for name, row in rows.items()}
-    assert perplexity["original"] < 20, perplexity  # the model knows the corpus: a loss is measurable
+    record_property("original_perplexity", perplexity["original"])
+    for name in list(rows)[1:]:
+        record_property(f"{name}_perplexity_change", perplexity[name] / perplexity["original"] - 1)
+    # The model knows the corpus, so a loss is measurable: 3.97 / 4.10 / 4.38 (seeds 0-4; untrained: ~634).
+    assert perplexity["original"] < 20, perplexity
     for name in ("gptq-8bit", "bnb-8bit", "torchao-int8"):
         assert abs(perplexity[name] / perplexity["original"] - 1) < EIGHT_BIT_PERPLEXITY_BOUND, perplexity
     for name in ("gptq-4bit", "bnb-nf4"):
         assert abs(perplexity[name] / perplexity["original"] - 1) < FOUR_BIT_PERPLEXITY_BOUND, perplexity
-    assert perplexity["gptq-4bit"] > perplexity["gptq-8bit"] or perplexity["bnb-nf4"] > perplexity["bnb-8bit"]
+    # Fewer bits, smaller files: every 4-bit variant is smaller than every 8-bit one, and those than the
+    # original. (Which of 4 and 8 bits scores better is within the seed spread here, so it is not asserted.)
+    size = {name: row["size_bytes"] for name, row in rows.items()}
+    eight_bit = [size[name] for name in ("gptq-8bit", "bnb-8bit", "torchao-int8")]
+    assert max(size["gptq-4bit"], size["bnb-nf4"]) < min(eight_bit) <= max(eight_bit) < size["original"], size
 
     # On disk: the block weights at 8 or 4 bits, plus their scales and zero points (under 12% more here).
     original_size = rows["original"]["size_bytes"]
