@@ -8,11 +8,12 @@ A seeded world of people (each with a city, a favourite colour and a pet) and sm
 - prompts for online RL, and an exact-match question/answer set for evaluation.
 
 SFT leaves a flaw for preference learning to fix: every fact is also asked casually ("Hey, ..."), and the
-SFT demonstrations answer the casual questions (39% of them) with the right sentence followed, on a new
-line, by rambling (chatter that runs past the RL stages' 16-token budget) or hedging. A greedy SFT model copies that on held-out casual questions; the preference pairs, and the
-reward model trained on them, always prefer the concise answer that ends its turn. The eval task
-tiny_qa_clean (the whole reply is the answer, then the end of the turn) measures the fix without the
-reward model; tiny_qa (the first line only) checks that the facts survive it.
+SFT demonstrations answer 80% of the casual questions (31% of all) with the right sentence followed, on
+a new line, by rambling or hedging that runs past the RL stages' 16-token budget. A greedy SFT model
+does the same on held-out casual questions; the preference pairs, and the reward model trained on them,
+always prefer the concise answer that ends its turn. The eval task tiny_qa_clean (the whole reply is
+the answer, then the end of the turn) measures the fix without the reward model; tiny_qa (the first
+line only) checks that the facts survive it.
 Every stage thus has a metric on held-out data that it should move. Same seed, same files.
 """
 
@@ -178,10 +179,13 @@ class World:
         return facts
 
     def demonstration(self, fact: Fact) -> str:
-        """The SFT reply: the answer to a plain question; to a casual one, rambling or hedging, half each."""
-        if not fact.casual:
+        """The SFT reply: the answer to a plain question; to a casual one, rambling (40%), hedging (40%) or
+        the answer (20%). Greedy decoding follows the majority, the flaw; sampling finds the clean answer
+        often enough for the online RL stages (GRPO, RLOO) to see it rewarded."""
+        draw = self.rng.random()
+        if not fact.casual or draw < 0.2:
             return fact.answer
-        return fact.rambling if self.rng.random() < 0.5 else fact.hedging
+        return fact.rambling if draw < 0.6 else fact.hedging
 
     def rejected(self, fact: Fact) -> str:
         """A worse reply: wrong (1/3), rambling (1/3), hedging (1/6) or rude (1/6)."""
