@@ -122,3 +122,17 @@ def qa_scores(model, tokenizer, rows: list[dict]) -> dict[str, float]:
         scores["clean"] += ended and reply == row["target"]
         scores["clean_form"] += ended and re.fullmatch(stem + r" \w+\.", reply) is not None
     return {key: value / len(rows) for key, value in scores.items()}
+
+
+def clean_form(workdir: Path, model_dir: Path) -> float:
+    """Rule-judged, no reward model: the share of held-out questions whose greedy reply is the answer sentence
+    (any fact: the tests' SFT model is not pretrained, so it cannot know held-out facts) and ends the turn
+    there. The SFT policy rambles or hedges after the answer to casual questions (the tiny world's designed
+    flaw); the preference data prefers the concise answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        AutoTokenizer.from_pretrained(model_dir),
+    )
+    return qa_scores(model, tokenizer, held_out_qa(workdir))["clean_form"]
