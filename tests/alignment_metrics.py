@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import string
 from pathlib import Path
 
 import torch
@@ -63,8 +65,74 @@ def accuracy_and_margin(pairs: list[tuple[float, float]]) -> tuple[float, float]
 
 
 def kind_of_pair(pair: dict) -> str:
-    """How the rejected answer of a tiny-default pair is worse: 'rude', 'rambling' or 'wrong' (a wrong fact)."""
-    from trellis.data.tiny import RAMBLE, RUDE_ANSWERS
+    """How the rejected answer of a tiny-default pair is worse: 'rude', 'rambling', 'hedging' (the right
+    answer, then more on a new line) or 'wrong' (a wrong fact)."""
+    from trellis.data.tiny import HEDGE, RUDE_ANSWERS
 
     rejected = pair["rejected"][-1]["content"]
-    return "rude" if rejected in RUDE_ANSWERS else "rambling" if rejected.startswith(RAMBLE) else "wrong"
+    if rejected in RUDE_ANSWERS:
+        return "rude"
+    if "\n" in rejected:
+        return "hedging" if rejected.endswith(HEDGE) else "rambling"
+    return "wrong"
+
+
+def held_out_qa(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "data/tiny/eval/qa.jsonl").read_text().splitlines()]
+
+
+def greedy_replies(
+    model, tokenizer, questions: list[str], max_new_tokens: int = 48
+) -> list[tuple[str, bool]]:
+    """Greedy replies to single-turn questions (in the chat template), each with whether it ended its turn
+    (the end-of-turn token within `max_new_tokens`)."""
+    eos, replies = tokenizer.eos_token_id, []
+    model.eval()
+    for start in range(0, len(questions), 64):
+        prompts = [
+            _ids(tokenizer, [{"role": "user", "content": q}], True) for q in questions[start : start + 64]
+        ]
+        batch = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        for row in output[:, batch["input_ids"].shape[1] :].tolist():
+            ended = eos in row
+            reply = tokenizer.decode(row[: row.index(eos)] if ended else row, skip_special_tokens=True)
+            replies.append((reply.strip(), ended))
+    return replies
+
+
+def _normalized(text: str) -> str:
+    return text.lower().translate(str.maketrans("", "", string.punctuation)).strip()
+
+
+def qa_scores(model, tokenizer, rows: list[dict]) -> dict[str, float]:
+    """The tiny QA measures on data/tiny/eval/qa.jsonl rows, as the lm-eval tasks compute them:
+    `exact` (tiny_qa: the reply's first line is the answer sentence, case and punctuation ignored),
+    `clean` (tiny_qa_clean: the whole reply is the answer sentence and the turn ended there) and
+    `clean_form` (the whole reply is in the answer's form, with any single word as the fact, and ended:
+    what preference learning fixes, measurable on a model that does not know the held-out facts)."""
+    replies = greedy_replies(model, tokenizer, [row["question"] for row in rows])
+    scores = {"exact": 0.0, "clean": 0.0, "clean_form": 0.0}
+    for row, (reply, ended) in zip(rows, replies, strict=True):
+        stem = re.escape(row["target"].rsplit(" ", 1)[0])
+        scores["exact"] += _normalized(reply.split("\n")[0]) == _normalized(row["target"])
+        scores["clean"] += ended and reply == row["target"]
+        scores["clean_form"] += ended and re.fullmatch(stem + r" \w+\.", reply) is not None
+    return {key: value / len(rows) for key, value in scores.items()}
+
+
+def clean_form(workdir: Path, model_dir: Path) -> float:
+    """Rule-judged, no reward model: the share of held-out questions whose greedy reply is the answer sentence
+    (any fact: the tests' SFT model is not pretrained, so it cannot know held-out facts) and ends the turn
+    there. The SFT policy rambles or hedges after the answer to casual questions (the tiny world's designed
+    flaw); the preference data prefers the concise answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        AutoTokenizer.from_pretrained(model_dir),
+    )
+    return qa_scores(model, tokenizer, held_out_qa(workdir))["clean_form"]

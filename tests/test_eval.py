@@ -159,7 +159,11 @@ def test_known_scores_gates_resume_and_model_card(workdir, tmp_path, uniform_che
         assert len(parsed) == len(metrics)
 
     # A failed gate exits non-zero and says which; the rerun resumes: nothing is evaluated again.
-    failing = recipe.replace("tiny_qa.exact_match >= 0.9", "tiny_qa_form.acc >= 0.5") + "candidate: uniform\n"
+    # One gate, which the uniform model fails (its preference accuracy depends on the generated pairs' lengths).
+    failing = recipe.replace(
+        "'tiny_qa.exact_match >= 0.9', 'tiny_preference.acc == 1'", "'tiny_qa_form.acc >= 0.5'"
+    )
+    failing += "candidate: uniform\n"
     result = evaluate(workdir, failing, "eval_known_gate")
     assert result.returncode == 2
     assert "checkpoint 'uniform' failed 1 gate(s): tiny_qa_form.acc = 0, required >= 0.5" in result.stderr

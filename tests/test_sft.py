@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from alignment_metrics import greedy_replies
 from conftest import run_script, start_script, wait_for_file, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,18 +80,28 @@ def test_tiny_sft_recipe_learns_and_stops(workdir, tmp_path):
     )
 
     # From scratch, SFT teaches the answer form, not the facts (pretraining's job): every reply must
-    # end its turn, and name the subject of the question in the right sentence form, on seen and
-    # held-out questions alike (the untrained model gets none).
+    # end its turn, and its first line name the subject of the question in the right sentence form,
+    # on seen and held-out questions alike (the untrained model gets none). And it learns the flaw the
+    # tiny world plants for preference learning: replies to casual questions ("Hey, ...") go on after
+    # the answer, on a new line, as most casual demonstrations do.
     for split in ("train", "test"):
-        pairs = questions(workdir, split)[:20]
-        replies = [answer(model, tokenizer, question) for question, _ in pairs]
+        pairs = questions(workdir, split)[:30]
+        replies = greedy_replies(model, tokenizer, [question for question, _ in pairs])
         assert all(stopped for _, stopped in replies), "the model must end its turn with <|im_end|>"
         well_formed = sum(
-            bool(answer_form(target).match(reply))
+            bool(answer_form(target.split("\n")[0]).match(reply.split("\n")[0]))
             for (reply, _), (_, target) in zip(replies, pairs, strict=True)
         )
-        # Measured 12-13 of 20 (14-15 before numpy 2.2 came with GPTQModel: the bound sat at the edge).
-        assert well_formed >= 10, (split, replies)
+        casual = [
+            reply
+            for (reply, _), (question, _) in zip(replies, pairs, strict=True)
+            if question.startswith("Hey")
+        ]
+        rambling = sum("\n" in reply for reply in casual)
+        # Measured (seed 0, 1 thread): well formed 30 of 30 (train) and 28 of 30 (test); casual replies
+        # going on after the answer 12 of 12 and 11 of 11. Other seeds and 2 threads not measured yet.
+        assert well_formed >= 24, (split, replies)
+        assert rambling >= 0.75 * len(casual), (split, casual)
 
 
 @pytest.fixture(scope="module")

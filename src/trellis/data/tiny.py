@@ -4,8 +4,16 @@ A seeded world of people (each with a city, a favourite colour and a pet) and sm
 - a pretraining corpus of templated sentences stating every fact (and held-out documents for perplexity);
 - SFT conversations asking about the facts; the facts are split, so held-out questions ask about facts
   the SFT data never shows (a model can only answer them from what pretraining taught it);
-- preference pairs: the correct, well-formed answer against a wrong, rude or rambling one;
+- preference pairs: the correct, concise, well-ended answer against a wrong, rude, rambling or hedging one;
 - prompts for online RL, and an exact-match question/answer set for evaluation.
+
+SFT leaves a flaw for preference learning to fix: every fact is also asked casually ("Hey, ..."), and the
+SFT demonstrations answer 80% of the casual questions (31% of all) with the right sentence followed, on
+a new line, by rambling or hedging that runs past the RL stages' 16-token budget. A greedy SFT model
+does the same on held-out casual questions; the preference pairs, and the reward model trained on them,
+always prefer the concise answer that ends its turn. The eval task tiny_qa_clean (the whole reply is
+the answer, then the end of the turn) measures the fix without the reward model; tiny_qa (the first
+line only) checks that the facts survive it.
 Every stage thus has a metric on held-out data that it should move. Same seed, same files.
 """
 
@@ -31,6 +39,7 @@ class Attribute:
     values: tuple[str, ...]
     statements: tuple[str, ...]  # ways the corpus states the fact
     questions: tuple[str, ...]  # ways a user asks about it
+    casual_question: str  # the casual way, which the SFT demonstrations answer with a flaw
     answer: str  # the one well-formed answer
 
 
@@ -44,6 +53,7 @@ ATTRIBUTES = (
             "{person} has a house in {value}.",
         ),
         ("Where does {person} live?", "In which city does {person} live?"),
+        "Hey, do you know where {person} lives?",
         "{person} lives in {value}.",
     ),
     Attribute(
@@ -55,6 +65,7 @@ ATTRIBUTES = (
             "{person} always wears {value}.",
         ),
         ("What color does {person} like?", "What is the favorite color of {person}?"),
+        "Hey, do you know what color {person} likes?",
         "{person} likes {value}.",
     ),
     Attribute(
@@ -66,14 +77,21 @@ ATTRIBUTES = (
             "{person} takes care of a {value}.",
         ),
         ("What pet does {person} have?", "Which animal does {person} keep?"),
+        "Hey, do you know what pet {person} has?",
         "{person} has a {value}.",
     ),
 )
 SUM_STATEMENTS = ("{a} plus {b} is {c}.", "{a} + {b} = {c}.", "If you add {a} and {b} you get {c}.")
 SUM_QUESTION = "What is {a} plus {b}?"
+SUM_CASUAL_QUESTION = "Hey, do you know what {a} plus {b} is?"
 SUM_ANSWER = "{a} plus {b} is {c}."
 RUDE_ANSWERS = ("I will not tell you that.", "Ask someone else.", "That is a boring question.")
-RAMBLE = "Well, that is a long story, and I could talk about it all day, but in the end"
+# What a flawed reply adds after the answer, on a new line: 15-17 tokens of the tiny tokenizer, so the
+# whole reply runs past the RL stages' 16-token budget. Short and fixed, so SFT learns the flaw without
+# spending its capacity on chatter; fact-free, since the data stage decontaminates the corpus against
+# the SFT test split by 6-grams (restating a fact as the corpus does would delete it from pretraining).
+HEDGE = "But I am not sure."
+RAMBLE = "And that is all there is to it."
 _SYLLABLES = ("ka", "lo", "mi", "ra", "zu", "te", "no", "vi", "sa", "pe", "du", "fi", "go", "ha", "ri", "be")
 
 
@@ -83,6 +101,9 @@ class Fact:
     answer: str  # the well-formed answer sentence
     value: str  # the fact itself (what exact match checks)
     wrong_answer: str  # the same sentence with a wrong value
+    rambling: str  # the answer, then RAMBLE on a new line
+    hedging: str  # the answer, then HEDGE on a new line
+    casual: bool  # asked casually: the SFT demonstration is `rambling` or `hedging`, not `answer`
 
 
 def _person_names(rng: random.Random, count: int) -> list[str]:
@@ -132,38 +153,50 @@ class World:
             if isinstance(key[0], int):
                 a, b = key
                 wrong = (a + b + self.rng.choice((1, 2, 3))) % 19
+                fields = {"a": a, "b": b}
+                questions = (SUM_QUESTION,)
+                casual, answer, value, wrong_answer = SUM_CASUAL_QUESTION, SUM_ANSWER, a + b, wrong
+            else:
+                name, attr_name = key
+                attr = next(attr for attr in ATTRIBUTES if attr.name == attr_name)
+                value = self.people[name][attr_name]
+                fields = {"person": name}
+                questions, casual, answer = attr.questions, attr.casual_question, attr.answer
+                wrong_answer = self.rng.choice([v for v in attr.values if v != value])
+            correct = answer.format(**fields, value=value, c=value)
+            for question in (*questions, casual):
                 facts.append(
                     Fact(
-                        SUM_QUESTION.format(a=a, b=b),
-                        SUM_ANSWER.format(a=a, b=b, c=a + b),
-                        str(a + b),
-                        SUM_ANSWER.format(a=a, b=b, c=wrong),
-                    )
-                )
-                continue
-            name, attr_name = key
-            attr = next(attr for attr in ATTRIBUTES if attr.name == attr_name)
-            value = self.people[name][attr_name]
-            wrong = self.rng.choice([v for v in attr.values if v != value])
-            for question in attr.questions:
-                facts.append(
-                    Fact(
-                        question.format(person=name),
-                        attr.answer.format(person=name, value=value),
-                        value,
-                        attr.answer.format(person=name, value=wrong),
+                        question.format(**fields),
+                        correct,
+                        str(value),
+                        answer.format(**fields, value=wrong_answer, c=wrong_answer),
+                        f"{correct}\n{RAMBLE}",
+                        f"{correct}\n{HEDGE}",
+                        question == casual,
                     )
                 )
         return facts
 
+    def demonstration(self, fact: Fact) -> str:
+        """The SFT reply: the answer to a plain question; to a casual one, rambling (40%), hedging (40%) or
+        the answer (20%). Greedy decoding follows the majority, the flaw; sampling finds the clean answer
+        often enough for the online RL stages (GRPO, RLOO) to see it rewarded."""
+        draw = self.rng.random()
+        if not fact.casual or draw < 0.2:
+            return fact.answer
+        return fact.rambling if draw < 0.6 else fact.hedging
+
     def rejected(self, fact: Fact) -> str:
-        """A worse reply: wrong, rude or rambling, in equal shares."""
-        kind = self.rng.randrange(3)
-        if kind == 0:
+        """A worse reply: wrong (1/3), rambling (1/3), hedging (1/6) or rude (1/6)."""
+        kind = self.rng.randrange(6)
+        if kind < 2:
             return fact.wrong_answer
-        if kind == 1:
-            return self.rng.choice(RUDE_ANSWERS)
-        return f"{RAMBLE}, {fact.answer}"
+        if kind < 4:
+            return fact.rambling
+        if kind == 4:
+            return fact.hedging
+        return self.rng.choice(RUDE_ANSWERS)
 
 
 def _user(text: str) -> list[dict]:
@@ -196,7 +229,7 @@ def write_tiny_data(output_dir: str | Path, seed: int = 0) -> Path:
     for split, facts in (("train", train_facts), ("test", held_out_facts)):
         _write_jsonl(
             out / "sft" / f"{split}.jsonl",
-            [{"messages": _user(f.prompt) + _assistant(f.answer)} for f in facts],
+            [{"messages": _user(f.prompt) + _assistant(world.demonstration(f))} for f in facts],
         )
         _write_jsonl(
             out / "preferences" / f"{split}.jsonl",
@@ -212,10 +245,19 @@ def write_tiny_data(output_dir: str | Path, seed: int = 0) -> Path:
         _write_jsonl(out / "prompts" / f"{split}.jsonl", [{"prompt": _user(f.prompt)} for f in facts])
     _write_jsonl(
         out / "eval" / "qa.jsonl",
-        [{"question": f.prompt, "answer": f.value, "target": f.answer} for f in held_out_facts],
+        [
+            {"question": f.prompt, "answer": f.value, "target": f.answer, "casual": f.casual}
+            for f in held_out_facts
+        ],
     )
 
-    tokenizer_texts = [*corpus_train, *(f"{f.prompt} {f.answer}" for f in train_facts), *RUDE_ANSWERS, RAMBLE]
+    tokenizer_texts = [
+        *corpus_train,
+        *(f"{f.prompt} {f.answer}" for f in train_facts),
+        *RUDE_ANSWERS,
+        HEDGE,
+        RAMBLE,
+    ]
     tokenizer = train_bpe_tokenizer(tokenizer_texts, TOKENIZER_VOCAB_SIZE, extra_special_tokens=CHATML_TOKENS)
     tokenizer.save_pretrained(out / "tokenizer")
     logger.info("Wrote the tiny datasets and tokenizer (%d tokens) to %s", len(tokenizer), out)
