@@ -46,7 +46,7 @@ def main() -> None:
                     f"The data steps were submitted to Slurm (logs under {args.output_dir}/datatrove/). Run "
                     "this command again once the jobs are done: it skips completed tasks and packs."
                 )
-                record.data["status_note"] = "submitted"
+                record.data["status_on_success"] = "submitted"  # not complete: nothing is packed yet
                 return
         else:
             report = corpus.prepare(args, num_proc, record)
