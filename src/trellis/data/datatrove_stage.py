@@ -134,19 +134,28 @@ class CountedPII(PIIFormatter):
         return text
 
 
-class RuleFilter(BaseFilter):
-    """A Trellis rule datatrove lacks (length in characters; the word blocklist over the text, where
-    datatrove's URLFilter looks at URLs only), with Trellis's reason names."""
+class LengthFilter(BaseFilter):
+    """min/max characters and words, with Trellis's reason names (Gopher's word bounds count words
+    without symbols only)."""
 
-    def __init__(self, args: DataArguments, rule: str, exclusion_writer=None) -> None:
+    name = "length"
+
+    def __init__(self, args: DataArguments, exclusion_writer=None) -> None:
         super().__init__(exclusion_writer)
-        self.args, self.rule, self.name = args, rule, rule
+        self.args = args
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        if self.rule == "length":
-            reason = text_quality.length_reason(doc.text, text_quality.words_of(doc.text), self.args)
-        else:
-            reason = text_quality.blocklist_reason(doc.text, self.args)
+        reason = text_quality.length_reason(doc.text, text_quality.words_of(doc.text), self.args)
+        return (False, reason) if reason else True
+
+
+class BlocklistFilter(LengthFilter):
+    """The word and phrase blocklist over the text (datatrove's URLFilter looks at URLs only)."""
+
+    name = "blocklist"
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        reason = text_quality.blocklist_reason(doc.text, self.args)
         return (False, reason) if reason else True
 
 
@@ -160,6 +169,7 @@ class VerifiedPairs(PipelineStep):
     clusters every pair that shares a band, so its precision is set by bands x rows alone; this step
     makes `minhash_threshold` what decides, as before."""
 
+    type = "🫂 - DEDUP"
     name = "verify candidate pairs"
 
     def __init__(self, candidates: str, verified: str, documents: str, threshold: float, ngram: int) -> None:
@@ -336,7 +346,7 @@ def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, lis
     exact = ExactDedupConfig(content_getter=_exact_key)
     minhash = _minhash_config(args)
     path = lambda *parts: os.path.join(work, *parts)  # noqa: E731
-    filters: list[PipelineStep] = [RuleFilter(args, "length", _removed(work, "length"))]
+    filters: list[PipelineStep] = [LengthFilter(args, _removed(work, "length"))]
     if args.gopher_quality:
         filters.append(
             GopherQualityFilter(
@@ -371,7 +381,7 @@ def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, lis
     if args.fineweb_quality:
         filters.append(FineWebQualityFilter(exclusion_writer=_removed(work, "fineweb"), language=words))
     if args.blocklist_filter:
-        filters.append(RuleFilter(args, "blocklist", _removed(work, "blocklist")))
+        filters.append(BlocklistFilter(args, _removed(work, "blocklist")))
     formatters: list[PipelineStep] = [TrellisClean(args)] + ([CountedPII()] if args.redact_pii else [])
     docs = lambda folder: JsonlReader(path(folder))  # noqa: E731
     write = lambda folder: JsonlWriter(path(folder), output_filename="${rank}.jsonl.gz")  # noqa: E731
@@ -491,9 +501,10 @@ def work_dir(output_dir: str, fingerprint: str) -> str:
     return os.path.join(root, fingerprint[:16])
 
 
-def run_datatrove(args: DataArguments, work: str) -> bool:
+def run_datatrove(args: DataArguments, work: str, wall: dict[str, float] | None = None) -> bool:
     """Run (local, Ray) or submit (Slurm) the six runs; True when their output is ready here (on Slurm:
     when a rerun finds every task complete)."""
+    wall = {} if wall is None else wall
     index = os.path.join(work, "decont_index")
     if args.decontamination_datasets and not os.path.exists(os.path.join(index, "eval.index.hashes")):
         write_decontamination_index(args, index)
@@ -509,7 +520,9 @@ def run_datatrove(args: DataArguments, work: str) -> bool:
         chain[-1].run()  # submits its dependencies first; submits nothing once every task is complete
         return _finished(work, runs)
     for (name, _, _), executor in zip(runs, chain, strict=True):
+        start = time.perf_counter()
         executor.run()
+        wall[name] = time.perf_counter() - start
         if name == "filter" and _count(work, "filtered") == 0:
             _raise_empty("filter", {r: v["removed"] for r, v in filter_removals(args, work).items()})
         if name == "exact_filter" and _count(work, "deduped") == 0:
@@ -542,30 +555,53 @@ def _example(text: str) -> str:
     return text if len(text) <= _EXAMPLE_CHARS else text[:_EXAMPLE_CHARS] + "..."
 
 
-def report_steps(args: DataArguments, work: str, report, seconds: float) -> int:
-    """Append the datatrove steps to the report (from the files they left); return the documents read."""
-    loaded = _stat(work, "filter", "clean", "total")
-    filtered = _count(work, "filtered")
+def report_steps(args: DataArguments, work: str, report, wall: dict[str, float]) -> int:
+    """Append the datatrove steps to the report (from the files they left); return the documents read.
+
+    A step's `seconds` are task-seconds: the time its blocks took, summed over the tasks that ran them
+    (one core each), wherever they ran; `wall` holds each run's wall-clock seconds.
+    """
+    filtered, filtered_bytes = _count(work, "filtered"), _bytes(work, "filtered")
+    removals = filter_removals(args, work)
+    loaded = filtered + sum(r["removed"] for r in removals.values())
+    loaded_bytes = filtered_bytes + sum(_bytes(work, f"removed/{step}") for step in _FILTER_STEPS)
     entries = [
-        {"step": "load", "documents_in": 0, "documents_out": loaded},
+        {
+            "step": "load",
+            "documents_in": 0,
+            "bytes_in": 0,
+            "documents_out": loaded,
+            "bytes_out": loaded_bytes,
+        },
         {
             "step": "clean",
             "documents_in": loaded,
+            "bytes_in": loaded_bytes,
             "documents_out": loaded,
             "pii_redacted": _stat(work, "filter", "pii", "pii_redacted"),
         },
-        {"step": "filter", "documents_in": loaded, "documents_out": filtered},
+        {"step": "filter", "documents_in": loaded, "bytes_in": loaded_bytes, "documents_out": filtered},
     ]
-    report.details["filters"] = filter_removals(args, work)
+    report.details["filters"] = removals
     contaminated = _removed_records(work, "decontaminate")
-    deduped = _count(work, "deduped")
+    deduped, deduped_bytes = _count(work, "deduped"), _bytes(work, "deduped")
     if args.exact_dedup:
         entries.append(
-            {"step": "exact_dedup", "documents_in": filtered, "documents_out": deduped + len(contaminated)}
+            {
+                "step": "exact_dedup",
+                "documents_in": filtered,
+                "bytes_in": filtered_bytes,
+                "documents_out": deduped + len(contaminated),
+            }
         )
     if args.decontamination_datasets:
         entries.append(
-            {"step": "decontaminate", "documents_in": deduped + len(contaminated), "documents_out": deduped}
+            {
+                "step": "decontaminate",
+                "documents_in": deduped + len(contaminated),
+                "bytes_in": deduped_bytes + sum(len(r["text"].encode()) for r in contaminated),
+                "documents_out": deduped,
+            }
         )
         report.details["decontamination"] = {
             "removed": len(contaminated),
@@ -573,20 +609,73 @@ def report_steps(args: DataArguments, work: str, report, seconds: float) -> int:
         }
     if args.near_dedup:
         final = _count(work, "final")
-        entries.append({"step": "near_dedup", "documents_in": deduped, "documents_out": final})
+        entries.append(
+            {"step": "near_dedup", "documents_in": deduped, "bytes_in": deduped_bytes, "documents_out": final}
+        )
         report.details["near_duplicates"] = _near_duplicate_details(args, work)
+    seconds = task_seconds(work)
     for entry in entries:
-        entry["seconds"] = round(seconds / len(entries), 3)  # the runs overlap steps: time is shared out
-        entry["bytes_in"] = 0
+        entry["seconds"] = round(seconds.get(entry["step"], 0.0), 3)
+    report.details["datatrove"] = {
+        "executor": args.executor_spec.kind,
+        "tasks": args.executor_spec.tasks,
+        "wall_seconds": {run: round(value, 3) for run, value in wall.items()},
+        "task_seconds": {step: round(value, 3) for step, value in seconds.items()},
+    }
     report.steps.extend(entries)
     return loaded
+
+
+_FILTER_STEPS = ("length", "gopher", "repetition", "c4", "fineweb", "blocklist")
+
+
+def _bytes(work: str, folder: str) -> int:
+    files = glob.glob(os.path.join(work, folder, "*.jsonl.gz"))
+    return sum(len(r["text"].encode()) for name in files for r in _records(name))
+
+
+def task_seconds(work: str) -> dict[str, float]:
+    """Seconds per report step, summed over blocks and tasks; reading and writing the intermediate
+    files between runs is `intermediate_io`."""
+    totals: Counter = Counter()
+    for run in (
+        "filter",
+        "exact_find",
+        "exact_filter",
+        "minhash_buckets",
+        "minhash_cluster",
+        "minhash_filter",
+    ):
+        for name in glob.glob(os.path.join(work, "logs", run, "stats", "*.json")):
+            for block in json.loads(Path(name).read_text()):
+                timing = block.get("time_stats")
+                totals[_step_of(run, block["name"])] += (
+                    timing.get("total", 0.0) if isinstance(timing, dict) else 0.0
+                )
+    return dict(totals)
+
+
+def _step_of(run: str, block: str) -> str:
+    if "READER" in block:
+        return "load" if run == "filter" else "intermediate_io"
+    if "WRITER" in block:
+        return "intermediate_io"
+    if run.startswith("minhash") or "MinHash" in block or "minhash" in block.lower():
+        return "near_dedup"
+    if "FORMAT" in block:
+        return "clean"
+    if "FILTER" in block:
+        return "filter"
+    if "DECONT" in block:
+        return "decontaminate"
+    return "exact_dedup"
 
 
 def filter_removals(args: DataArguments, work: str) -> dict[str, dict]:
     """reason -> documents removed and the first few of them, from the filters' exclusion files."""
     reasons: Counter = Counter()
     examples: dict[str, list[str]] = {}
-    for step in ("length", "gopher", "repetition", "c4", "fineweb", "blocklist"):
+    for step in _FILTER_STEPS:
         for record in _removed_records(work, step):
             reason = _reason(step, record["metadata"].get("filter_reason", step))
             reasons[reason] += 1
@@ -648,11 +737,11 @@ def prepare(args: DataArguments, fingerprint: str, record):
     from trellis.data import corpus
 
     work = work_dir(args.output_dir, fingerprint)
-    start = time.perf_counter()
-    if not run_datatrove(args, work):
+    wall: dict[str, float] = {}
+    if not run_datatrove(args, work, wall):
         return None
     report = corpus.Report()
-    record.set_input("documents", report_steps(args, work, report, time.perf_counter() - start))
+    record.set_input("documents", report_steps(args, work, report, wall))
     documents = corpus._split(kept_documents(args, work), args, report)
     tokenizer = corpus._tokenizer(documents, args, report)
     map_kwargs = {"num_proc": None, "batched": True, "batch_size": 256}
