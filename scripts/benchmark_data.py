@@ -106,15 +106,17 @@ def _documents(rng: random.Random):
             yield text
 
 
-def generate_corpus(directory: Path, megabytes: float, seed: int = 0) -> tuple[int, int]:
-    """Write jsonl shards (25 MB each) of about `megabytes` MB; return bytes and documents written."""
+def generate_corpus(
+    directory: Path, megabytes: float, seed: int = 0, shard_mb: float = 25
+) -> tuple[int, int]:
+    """Write jsonl shards (`shard_mb` MB each) of about `megabytes` MB; return bytes and documents written."""
     directory.mkdir(parents=True, exist_ok=True)
     documents = _documents(random.Random(seed))
     written, count, target = 0, 0, megabytes * 1e6
     while written < target:
         with open(directory / f"shard-{count:08d}.jsonl", "w", encoding="utf-8") as shard:
             shard_bytes = 0
-            while written + shard_bytes < target and shard_bytes < 25e6:
+            while written + shard_bytes < target and shard_bytes < shard_mb * 1e6:
                 line = json.dumps({"text": next(documents)}) + "\n"
                 shard.write(line)
                 shard_bytes += len(line.encode())
@@ -181,7 +183,9 @@ def main() -> None:
     datasets.disable_caching()  # every step really runs, also on a second benchmark run
     work = Path(options.work_dir)
     start = time.perf_counter()
-    corpus_bytes, corpus_docs = generate_corpus(work / "corpus", options.megabytes)
+    # at least two files per core: datatrove shares input files out among its tasks
+    shard_mb = min(25.0, options.megabytes / (2 * options.num_proc))
+    corpus_bytes, corpus_docs = generate_corpus(work / "corpus", options.megabytes, shard_mb=shard_mb)
     logging.info(
         "Generated %.1f MB (%d documents) in %.0f s",
         corpus_bytes / 1e6,

@@ -137,6 +137,22 @@ def test_a_killed_run_resumes_skipping_completed_tasks_and_matches_an_uninterrup
     ]
 
 
+@pytest.mark.slow
+def test_a_local_ray_cluster_gives_the_local_executors_output(workdir, tmp_path):
+    pytest.importorskip(
+        "ray", reason="ray is not installed (`pip install ray`): a large wheel, not a dependency"
+    )
+    _split_corpus(workdir, tmp_path / "corpus", parts=2)
+    outputs = {}
+    for kind in ("local", "ray"):
+        recipe = _recipe(workdir, tmp_path, kind, executor={"kind": kind, "tasks": 2})
+        result = run_script(["prepare_data.py", "--config", str(recipe)], cwd=workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[kind] = load_packed(str(tmp_path / kind))[0]
+    for split in ("train", "validation"):
+        assert outputs["local"][split]["input_ids"] == outputs["ray"][split]["input_ids"]
+
+
 FAKE_SBATCH = """#!/bin/sh
 # Stand-in for Slurm's sbatch: keeps the arguments and the job script, answers like sbatch.
 log={log}

@@ -268,18 +268,18 @@ def _minhash_config(args: DataArguments) -> MinhashConfig:
 
 
 def readers(args: DataArguments, work: str) -> list[PipelineStep]:
-    """datatrove readers for local jsonl/parquet files and Hub datasets; sources they cannot express
-    (other formats, weights, max_documents, local dataset directories) are loaded by Trellis into a
-    jsonl file that a JsonlReader then reads."""
+    """datatrove readers for local jsonl/parquet files and Hub datasets (a Hub source's max_documents
+    is split evenly among the tasks); sources they cannot express (other formats, weights, a local
+    source's max_documents, local dataset directories) are loaded by Trellis into a jsonl file that a
+    JsonlReader then reads."""
     steps = []
     for number, source in enumerate(args.datasets):
         _check_text_field(source)
         text_key = source.text_field or "text"
         path = os.path.expanduser(source.path)
         local = glob.glob(path) if any(c in path for c in "*?[") else ([path] if os.path.exists(path) else [])
-        plain = source.weight == 1.0 and source.max_documents is None
         kind = _file_kind(local)
-        if plain and local and kind and all(os.path.isfile(p) for p in local):
+        if source.weight == 1.0 and source.max_documents is None and kind and all(map(os.path.isfile, local)):
             folder, pattern = os.path.dirname(os.path.abspath(local[0])), None
             if len(local) > 1 or path != local[0]:
                 pattern = os.path.relpath(os.path.abspath(path), folder)
@@ -287,13 +287,17 @@ def readers(args: DataArguments, work: str) -> list[PipelineStep]:
             steps.append(
                 reader(folder, glob_pattern=pattern or os.path.basename(local[0]), text_key=text_key)
             )
-        elif plain and not local:
+        elif source.weight == 1.0 and not local:
             options = {"split": source.split, "name": source.name, "revision": source.revision}
             steps.append(
                 HuggingFaceDatasetReader(
                     source.path,
                     dataset_options={k: v for k, v in options.items() if v is not None},
                     streaming=source.streaming,
+                    # per task: each task reads its share of the files, and of max_documents
+                    limit=-(-source.max_documents // args.executor_spec.tasks)
+                    if source.max_documents
+                    else -1,
                     text_key=text_key,
                 )
             )
@@ -515,7 +519,9 @@ def run_datatrove(args: DataArguments, work: str, wall: dict[str, float] | None 
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=args.executor_spec.address)
+            address = args.executor_spec.address
+            # no address: a local cluster of this machine's cores, without the dashboard's processes
+            ray.init(address=address) if address else ray.init(include_dashboard=False)
     if args.executor_spec.kind == "slurm":
         chain[-1].run()  # submits its dependencies first; submits nothing once every task is complete
         return _finished(work, runs)
