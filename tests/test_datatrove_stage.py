@@ -78,6 +78,32 @@ def test_near_dedup_recall_and_precision_on_planted_duplicates(tmp_path):
     assert len(kept) + len(removed) == len(texts) and len(removed) == len(truth)
 
 
+def test_dedup_stays_aligned_when_a_task_loses_all_its_documents(tmp_path):
+    """Exact and near dedup address documents by (task, index): a task left with no documents (here the
+    middle file: only short ones) must not shift the next task's files onto its index."""
+    texts, families = planted_corpus()
+    distinct = [texts[family[0]] for family in families[:80]]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    parts = [
+        distinct[:40],
+        ["too short"] * 20,
+        distinct[40:] + [t.upper() for t in distinct[:10]] + distinct[40:45],
+    ]
+    for number, part in enumerate(parts):
+        (corpus / f"part{number}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    args = DataArguments(
+        output_dir=str(tmp_path / "out"),
+        datasets=[{"path": str(corpus / "*.jsonl")}],
+        executor={"tasks": 3, "workers": 1},
+        **{**NEAR_DEDUP_ONLY, "min_chars": 20, "exact_dedup": True},
+    )
+    work = str(tmp_path / "work")
+    assert datatrove_stage.run_datatrove(args, work)
+    kept = datatrove_stage.kept_documents(args, work)["text"]
+    assert sorted(t.lower() for t in kept) == sorted(t.lower() for t in distinct)
+
+
 def _split_corpus(workdir: Path, folder: Path, parts: int) -> None:
     """The tiny corpus as `parts` files: datatrove shares input files out among tasks."""
     lines = (workdir / "data/tiny/corpus/train.jsonl").read_text().splitlines()
@@ -165,7 +191,7 @@ echo "Submitted batch job $job"
 """
 
 
-def test_slurm_executor_submits_each_step_as_a_job_array_after_the_previous(workdir, tmp_path):
+def test_slurm_executor_submits_each_run_as_a_job_array_after_the_previous(workdir, tmp_path):
     _split_corpus(workdir, tmp_path / "corpus", parts=4)
     log, bin_dir = tmp_path / "sbatch", tmp_path / "bin"
     log.mkdir(), bin_dir.mkdir()
@@ -206,10 +232,10 @@ def test_slurm_executor_submits_each_step_as_a_job_array_after_the_previous(work
         )
         jobs.append((int(args_file.stem), args_file.read_text().split("\n"), directives, script))
     steps = [job for job in jobs if "merge_stats" not in job[3]]
-    names = ["filter", "exact_find", "exact_filter", "minhash_buckets", "minhash_cluster", "minhash_filter"]
+    names = list(datatrove_stage.RUNS)
     assert [d["job-name"] for _, _, d, _ in steps] == [f"tinydata_{n}" for n in names]
     arrays = [d["array"] for _, _, d, _ in steps]
-    assert arrays == ["0-3", "0-0", "0-3", "0-31", "0-0", "0-3"]  # tasks; one per LSH band; single tasks
+    assert arrays == ["0-3", "0-0", "0-3", "0-3", "0-31", "0-0", "0-3"]  # tasks; one per LSH band; single
     for (_, args, directives, script), previous in zip(steps, [None, *steps[:-1]], strict=True):
         assert directives["partition"] == "cpu" and directives["time"] == "02:00:00"
         assert directives["cpus-per-task"] == "2" and directives["mem-per-cpu"] == "3G"

@@ -1,16 +1,17 @@
 """The data stage on datatrove: read, clean, filter, deduplicate and decontaminate with datatrove blocks
 on a local, Slurm or Ray executor; then (in this process) split, train the tokenizer and pack.
 
-Six datatrove runs, each resumable per task (`skip_completed`: a rerun skips tasks whose completion
+Seven datatrove runs, each resumable per task (`skip_completed`: a rerun skips tasks whose completion
 file exists), under <output_dir>/datatrove/<fingerprint>/:
 
-    1 filter         readers -> clean + PII -> length, Gopher quality, Gopher repetition, [C4], [FineWeb],
-                     blocklist -> filtered/ ; exact-dedup signatures
-    2 exact_find     exact duplicates across all tasks (1 task)
-    3 exact_filter   filtered/ -> exact-dedup filter -> n-gram decontamination -> deduped/ ; MinHash signatures
-    4 minhash_buckets  LSH buckets -> candidate pairs (one task per band)
-    5 minhash_cluster  candidate pairs verified by exact shingle Jaccard (Trellis), then clustered (1 task)
-    6 minhash_filter deduped/ -> MinHash filter -> final/
+    1 filter            readers -> clean + PII -> length, Gopher quality, Gopher repetition, [C4],
+                        [FineWeb], blocklist -> filtered/ ; exact-dedup signatures
+    2 exact_find        exact duplicates across all tasks (1 task)
+    3 exact_filter      filtered/ -> exact-dedup filter -> n-gram decontamination -> deduped/
+    4 minhash_signature deduped/ -> MinHash signatures
+    5 minhash_buckets   LSH buckets -> candidate pairs (one task per band)
+    6 minhash_cluster   candidate pairs verified by exact shingle Jaccard (Trellis), then clustered (1 task)
+    7 minhash_filter    deduped/ -> MinHash filter -> final/
 
 Removed documents are written per step under removed/ with their reason: the report's counts and
 examples are read from those files, so they are the same whichever executor ran the steps.
@@ -157,6 +158,19 @@ class BlocklistFilter(LengthFilter):
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         reason = text_quality.blocklist_reason(doc.text, self.args)
         return (False, reason) if reason else True
+
+
+class RankFile(JsonlReader):
+    """Reads the one file its task wrote in the previous run (nothing if that task wrote none): the
+    dedup steps address documents by (task, index), which a reader sharing out whatever files exist
+    would shift when a task's documents were all removed."""
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if data:
+            yield from data
+        name = f"{rank:05d}.jsonl.gz"
+        if self.data_folder.isfile(name):
+            yield from self.read_files_shard([name])
 
 
 def _exact_key(doc: Document) -> str:
@@ -344,7 +358,7 @@ def _removed(work: str, step: str) -> JsonlWriter:
 
 
 def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, list, int]]:
-    """(name, pipeline, tasks) of the six runs."""
+    """(name, pipeline, tasks) of the seven runs."""
     tasks = args.executor_spec.tasks
     words = WhitespaceWords()
     exact = ExactDedupConfig(content_getter=_exact_key)
@@ -387,7 +401,7 @@ def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, lis
     if args.blocklist_filter:
         filters.append(BlocklistFilter(args, _removed(work, "blocklist")))
     formatters: list[PipelineStep] = [TrellisClean(args)] + ([CountedPII()] if args.redact_pii else [])
-    docs = lambda folder: JsonlReader(path(folder))  # noqa: E731
+    docs = lambda folder: RankFile(path(folder))  # noqa: E731
     write = lambda folder: JsonlWriter(path(folder), output_filename="${rank}.jsonl.gz")  # noqa: E731
     filter_steps = [*readers(args, work), *formatters, *filters, write("filtered")]
     exact_steps: list[PipelineStep] = [docs("filtered")]
@@ -404,11 +418,17 @@ def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, lis
         runs.append(
             ("exact_find", [ExactFindDedups(path("exact_sigs"), path("exact_dups"), config=exact)], 1)
         )
-    if args.near_dedup:
-        exact_steps.append(MinhashDedupSignature(path("minhash_sigs"), config=minhash, language=words))
     runs.append(("exact_filter", exact_steps, tasks))
     if args.near_dedup:
         runs += [
+            (  # a run of its own: the block's timer spans its input, which is then only a reader
+                "minhash_signature",
+                [
+                    docs("deduped"),
+                    MinhashDedupSignature(path("minhash_sigs"), config=minhash, language=words),
+                ],
+                tasks,
+            ),
             (
                 "minhash_buckets",
                 [MinhashDedupBuckets(path("minhash_sigs"), path("minhash_candidates"), config=minhash)],
@@ -506,7 +526,7 @@ def work_dir(output_dir: str, fingerprint: str) -> str:
 
 
 def run_datatrove(args: DataArguments, work: str, wall: dict[str, float] | None = None) -> bool:
-    """Run (local, Ray) or submit (Slurm) the six runs; True when their output is ready here (on Slurm:
+    """Run (local, Ray) or submit (Slurm) the seven runs; True when their output is ready here (on Slurm:
     when a rerun finds every task complete)."""
     wall = {} if wall is None else wall
     index = os.path.join(work, "decont_index")
@@ -640,24 +660,35 @@ def _bytes(work: str, folder: str) -> int:
     return sum(len(r["text"].encode()) for name in files for r in _records(name))
 
 
+# Blocks whose timer spans the whole run (they iterate their input, and yield, inside it).
+_SPANNING = ("exact-deduplication stage 3", "MinHash stage 1")
+RUNS = (
+    "filter",
+    "exact_find",
+    "exact_filter",
+    "minhash_signature",
+    "minhash_buckets",
+    "minhash_cluster",
+    "minhash_filter",
+)
+
+
 def task_seconds(work: str) -> dict[str, float]:
     """Seconds per report step, summed over blocks and tasks; reading and writing the intermediate
-    files between runs is `intermediate_io`."""
+    files between runs is `intermediate_io`. A block whose timer spans its run is given its run's time
+    less the other blocks' time."""
     totals: Counter = Counter()
-    for run in (
-        "filter",
-        "exact_find",
-        "exact_filter",
-        "minhash_buckets",
-        "minhash_cluster",
-        "minhash_filter",
-    ):
+    for run in RUNS:
         for name in glob.glob(os.path.join(work, "logs", run, "stats", "*.json")):
-            for block in json.loads(Path(name).read_text()):
-                timing = block.get("time_stats")
-                totals[_step_of(run, block["name"])] += (
-                    timing.get("total", 0.0) if isinstance(timing, dict) else 0.0
-                )
+            blocks = {
+                block["name"]: block["time_stats"].get("total", 0.0)
+                for block in json.loads(Path(name).read_text())
+                if isinstance(block.get("time_stats"), dict)
+            }
+            spanning = [block for block in blocks if block.endswith(_SPANNING)]
+            own = sum(seconds for block, seconds in blocks.items() if block not in spanning)
+            for block, seconds in blocks.items():
+                totals[_step_of(run, block)] += max(seconds - own, 0.0) if block in spanning else seconds
     return dict(totals)
 
 
