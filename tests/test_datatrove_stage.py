@@ -56,9 +56,7 @@ def test_near_dedup_recall_and_precision_on_planted_duplicates(tmp_path):
     assert datatrove_stage.run_datatrove(args, work)
 
     kept = [
-        r
-        for name in sorted(Path(work, "final").glob("*.jsonl.gz"))
-        for r in datatrove_stage._records(str(name))
+        r for name in sorted(Path(work, "final").glob("*.jsonl")) for r in datatrove_stage._records(str(name))
     ]
     removed = datatrove_stage._removed_records(work, "near_dedup")
     clusters: dict[int, list[int]] = {}

@@ -20,7 +20,6 @@ examples are read from those files, so they are the same whichever executor ran 
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import logging
 import os
@@ -168,7 +167,7 @@ class RankFile(JsonlReader):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if data:
             yield from data
-        name = f"{rank:05d}.jsonl.gz"
+        name = f"{rank:05d}.jsonl"
         if self.data_folder.isfile(name):
             yield from self.read_files_shard([name])
 
@@ -219,7 +218,7 @@ def _texts_of(folder: str, wanted: set[tuple[int, int]]) -> dict[tuple[int, int]
     texts = {}
     for task in sorted({task for task, _ in wanted}):
         keep = {index for t, index in wanted if t == task}
-        for index, record in enumerate(_records(os.path.join(folder, f"{task:05d}.jsonl.gz"))):
+        for index, record in enumerate(_records(os.path.join(folder, f"{task:05d}.jsonl"))):
             if index in keep:
                 texts[task, index] = record["text"]
     return texts
@@ -227,7 +226,7 @@ def _texts_of(folder: str, wanted: set[tuple[int, int]]) -> dict[tuple[int, int]
 
 def _records(path: str):
     if os.path.exists(path):
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
+        with open(path, encoding="utf-8") as handle:
             for line in handle:
                 yield json.loads(line)
 
@@ -354,7 +353,7 @@ def _materialize(source: DatasetSource, args: DataArguments, folder: str) -> str
 
 
 def _removed(work: str, step: str) -> JsonlWriter:
-    return JsonlWriter(os.path.join(work, "removed", step), output_filename="${rank}.jsonl.gz")
+    return JsonlWriter(os.path.join(work, "removed", step), output_filename="${rank}.jsonl", compression=None)
 
 
 def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, list, int]]:
@@ -402,7 +401,8 @@ def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, lis
         filters.append(BlocklistFilter(args, _removed(work, "blocklist")))
     formatters: list[PipelineStep] = [TrellisClean(args)] + ([CountedPII()] if args.redact_pii else [])
     docs = lambda folder: RankFile(path(folder))  # noqa: E731
-    write = lambda folder: JsonlWriter(path(folder), output_filename="${rank}.jsonl.gz")  # noqa: E731
+    # uncompressed: gzip cost as much as a filter, for files read once more on the same disk
+    write = lambda folder: JsonlWriter(path(folder), output_filename="${rank}.jsonl", compression=None)  # noqa: E731
     filter_steps = [*readers(args, work), *formatters, *filters, write("filtered")]
     exact_steps: list[PipelineStep] = [docs("filtered")]
     if args.exact_dedup:
@@ -558,12 +558,12 @@ def run_datatrove(args: DataArguments, work: str, wall: dict[str, float] | None 
 
 def _count(work: str, folder: str) -> int:
     return sum(
-        sum(1 for _ in gzip.open(p, "rt")) for p in glob.glob(os.path.join(work, folder, "*.jsonl.gz"))
+        sum(1 for _ in open(p, encoding="utf-8")) for p in glob.glob(os.path.join(work, folder, "*.jsonl"))
     )
 
 
 def _removed_records(work: str, step: str) -> list[dict]:
-    files = sorted(glob.glob(os.path.join(work, "removed", step, "*.jsonl.gz")))
+    files = sorted(glob.glob(os.path.join(work, "removed", step, "*.jsonl")))
     return [record for name in files for record in _records(name)]
 
 
@@ -656,7 +656,7 @@ _FILTER_STEPS = ("length", "gopher", "repetition", "c4", "fineweb", "blocklist")
 
 
 def _bytes(work: str, folder: str) -> int:
-    files = glob.glob(os.path.join(work, folder, "*.jsonl.gz"))
+    files = glob.glob(os.path.join(work, folder, "*.jsonl"))
     return sum(len(r["text"].encode()) for name in files for r in _records(name))
 
 
@@ -742,7 +742,7 @@ def _near_duplicate_details(args: DataArguments, work: str) -> dict[str, Any]:
     shown = sorted(clusters)[: args.report_examples]
     kept = {}
     for record in (
-        r for name in sorted(glob.glob(os.path.join(work, "final", "*.jsonl.gz"))) for r in _records(name)
+        r for name in sorted(glob.glob(os.path.join(work, "final", "*.jsonl"))) for r in _records(name)
     ):
         cluster = record["metadata"].get("minhash_cluster_id", -1)
         if cluster in shown:
@@ -761,9 +761,7 @@ def kept_documents(args: DataArguments, work: str):
 
     folder = "final" if args.near_dedup else "deduped"
     texts = [
-        r["text"]
-        for name in sorted(glob.glob(os.path.join(work, folder, "*.jsonl.gz")))
-        for r in _records(name)
+        r["text"] for name in sorted(glob.glob(os.path.join(work, folder, "*.jsonl"))) for r in _records(name)
     ]
     return datasets.Dataset.from_dict({"text": texts})
 
