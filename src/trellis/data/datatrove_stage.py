@@ -103,14 +103,10 @@ class TrellisClean(BaseFormatter):
 
     def __init__(self, args: DataArguments) -> None:
         super().__init__()
-        self.args = args
+        self.args = _replace(args, redact_pii=False)  # PII is the next block's
 
     def format(self, text: str) -> str:
-        args = self.args
-        cleaned, _ = text_quality.clean_text(
-            text, _replace(args, redact_pii=False, normalize_whitespace=False)
-        )
-        return text_quality.normalize_whitespace(cleaned) if args.normalize_whitespace else cleaned
+        return text_quality.clean_text(text, self.args)[0]
 
 
 class CountedPII(PIIFormatter):
@@ -134,29 +130,37 @@ class CountedPII(PIIFormatter):
         return text
 
 
-class LengthFilter(BaseFilter):
-    """min/max characters and words, with Trellis's reason names (Gopher's word bounds count words
-    without symbols only)."""
-
-    name = "length"
+class RecipeRule(BaseFilter):
+    """A Trellis rule as a datatrove filter, with Trellis's reason names."""
 
     def __init__(self, args: DataArguments, exclusion_writer=None) -> None:
         super().__init__(exclusion_writer)
         self.args = args
 
+    def reason(self, text: str) -> str | None:
+        raise NotImplementedError
+
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        reason = text_quality.length_reason(doc.text, text_quality.words_of(doc.text), self.args)
+        reason = self.reason(doc.text)
         return (False, reason) if reason else True
 
 
-class BlocklistFilter(LengthFilter):
+class LengthFilter(RecipeRule):
+    """min/max characters and words (datatrove's Gopher filter bounds words only, without symbols)."""
+
+    name = "length"
+
+    def reason(self, text: str) -> str | None:
+        return text_quality.length_reason(text, text_quality.words_of(text), self.args)
+
+
+class BlocklistFilter(RecipeRule):
     """The word and phrase blocklist over the text (datatrove's URLFilter looks at URLs only)."""
 
     name = "blocklist"
 
-    def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        reason = text_quality.blocklist_reason(doc.text, self.args)
-        return (False, reason) if reason else True
+    def reason(self, text: str) -> str | None:
+        return text_quality.blocklist_reason(text, self.args)
 
 
 class RankFile(JsonlReader):
@@ -251,9 +255,9 @@ def write_decontamination_index(args: DataArguments, folder: str) -> int:
         for gram in ngrams(words.word_tokenize(simplify_text(text, config.norm_config)), config.n_grams)
     }
     os.makedirs(folder, exist_ok=True)
-    np.array(sorted(hashes), dtype=config.hash_config.np_descr).tofile(
-        os.path.join(folder, "eval.index.hashes")
-    )
+    partial = os.path.join(folder, "eval.partial")  # renamed when whole: a killed run leaves no half index
+    np.array(sorted(hashes), dtype=config.hash_config.np_descr).tofile(partial)
+    os.replace(partial, os.path.join(folder, "eval.index.hashes"))
     return len(records)
 
 
@@ -320,15 +324,11 @@ def readers(args: DataArguments, work: str) -> list[PipelineStep]:
 
 
 def _file_kind(paths: list[str]) -> str | None:
+    """`jsonl` or `parquet` when every path is one (compressed jsonl too), else None."""
     names = [p.removesuffix(".gz").removesuffix(".zst") for p in paths]
-    if (
-        names
-        and all(n.endswith((".jsonl", ".json")) for n in names)
-        and all(not p.endswith(".json") for p in paths)
-    ):
-        return "jsonl"
-    if names and all(n.endswith(".parquet") for n in paths):
-        return "parquet"
+    for kind in ("jsonl", "parquet"):
+        if names and all(name.endswith(f".{kind}") for name in names):
+            return kind
     return None
 
 
