@@ -2,7 +2,9 @@
 
     python scripts/prepare_data.py --config recipes/tiny/data.yaml [--any_recipe_key value ...]
 
-Reads the recipe strictly, and stops at once if output_dir already holds the result of exactly
+The cleaning, filtering, deduplication and decontamination run as datatrove pipelines on the recipe's
+`executor` (local processes, Slurm job arrays or Ray; reruns skip completed tasks); `engine: datasets`
+runs the previous datasets.map implementation instead. Reads the recipe strictly, and stops at once if output_dir already holds the result of exactly
 these inputs, recipe and code (the fingerprint covers all of them). Otherwise it cleans, filters,
 deduplicates and decontaminates the corpus, trains (or copies) the tokenizer, tokenizes and packs
 it, and writes packed/, tokenizer/, data_report.{json,md} and trellis_run.json to output_dir.
@@ -35,7 +37,19 @@ def main() -> None:
     with RunRecord("data", args.output_dir, {"data": args}) as record:
         corpus.clear_outputs(args.output_dir)
         record.set_input("fingerprint", fingerprint)
-        report = corpus.prepare(args, num_proc, record)
+        if args.engine == "datatrove":
+            from trellis.data import datatrove_stage
+
+            report = datatrove_stage.prepare(args, fingerprint, record)
+            if report is None:
+                print(
+                    f"The data steps were submitted to Slurm (logs under {args.output_dir}/datatrove/). Run "
+                    "this command again once the jobs are done: it skips completed tasks and packs."
+                )
+                record.data["status_on_success"] = "submitted"  # not complete: nothing is packed yet
+                return
+        else:
+            report = corpus.prepare(args, num_proc, record)
         record.data["report"] = report.as_dict()["steps"]
     print(report.markdown().split("\n## ")[0])
 

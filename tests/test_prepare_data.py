@@ -287,9 +287,13 @@ def test_benchmark_script_arithmetic(workdir, tmp_path):
     assert figures["corpus_mb"] >= 0.3
     for row in figures["steps"]:
         assert math.isclose(
-            row["mb_per_s_per_core"] * row["seconds"] * figures["cores"], row["mb_in"], rel_tol=1e-3
+            row["mb_per_s_per_core"] * row["seconds"] * row["cores"], row["mb_in"], rel_tol=1e-3
         )
-    assert {"tokenization_alone", "clean", "near_dedup"} <= {row["step"] for row in figures["steps"]}
+    for engine in ("datasets", "datatrove"):
+        steps = {row["step"] for row in figures["steps"] if row["engine"] == engine}
+        assert {"clean", "near_dedup", "end_to_end"} <= steps
+        assert figures["engines"][engine]["peak_rss_mb"] > 0
+    assert "tokenization_alone" in {row["step"] for row in figures["steps"]}
     assert "MB/s per core" in result.stdout
 
 

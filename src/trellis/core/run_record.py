@@ -277,6 +277,6 @@ class RunRecord:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
-            self._finish("complete")
+            self._finish(self.data.pop("status_on_success", "complete"))
         else:
             self._finish("failed", error=redact(f"{exc_type.__name__}: {exc}"))

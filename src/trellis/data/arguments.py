@@ -111,6 +111,68 @@ def as_source(item: dict | DatasetSource) -> DatasetSource:
 
 
 UNICODE_FORMS = ("NFC", "NFKC", "none")
+EXECUTOR_KINDS = ("local", "slurm", "ray")
+ENGINES = ("datatrove", "datasets")
+
+
+@dataclass
+class ExecutorSpec:
+    """Where the datatrove steps run: `local` (processes here), `slurm` (sbatch job arrays) or `ray`."""
+
+    kind: str = "local"
+    tasks: int = 1  # parallel tasks of each per-document step (input files are shared out among them)
+    workers: int | None = None  # local: processes at once (default: the recipe's num_proc, else all cores)
+    partition: str | None = None  # slurm
+    time: str = "24:00:00"  # slurm: time limit of a job
+    cpus_per_task: int = 1  # slurm and ray
+    mem_per_cpu_gb: int = 2  # slurm
+    job_name: str = "trellis_data"  # slurm: each step's job is <job_name>_<step>
+    sbatch_args: dict = field(default_factory=dict)  # slurm: extra #SBATCH options, e.g. {account: x}
+    venv_path: str | None = None  # slurm: virtual environment the jobs activate
+    address: str | None = None  # ray: cluster address (null: start a local one)
+
+    _KIND_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "local": ("workers",),
+        "slurm": (
+            "partition",
+            "time",
+            "cpus_per_task",
+            "mem_per_cpu_gb",
+            "job_name",
+            "sbatch_args",
+            "venv_path",
+        ),
+        "ray": ("address", "cpus_per_task"),
+    }
+
+
+def executor_problems(value: dict) -> tuple[ExecutorSpec | None, list[Problem]]:
+    """The `executor` section checked key by key (kind, then the keys that kind takes)."""
+    if not isinstance(value, dict):
+        return None, [
+            Problem("executor", f"expected a mapping such as {{kind: local, tasks: 4}}, got {value!r}")
+        ]
+    kind = value.get("kind", "local")
+    if kind not in EXECUTOR_KINDS:
+        return None, [Problem("executor.kind", f"expected one of {list(EXECUTOR_KINDS)}, got {kind!r}")]
+    allowed = ("kind", "tasks", *ExecutorSpec._KIND_KEYS[kind])
+    problems = [
+        Problem(f"executor.{key}", f"not a key of the {kind} executor; it takes {sorted(allowed)}")
+        for key in value
+        if key not in allowed
+    ]
+    for key in ("tasks", "workers", "cpus_per_task", "mem_per_cpu_gb"):
+        if key in value and value[key] is not None and (not isinstance(value[key], int) or value[key] < 1):
+            problems.append(Problem(f"executor.{key}", f"expected a whole number >= 1, got {value[key]!r}"))
+    if kind == "slurm" and not value.get("partition"):
+        problems.append(
+            Problem("executor.partition", "required for the slurm executor: the partition to run on")
+        )
+    if "sbatch_args" in value and not isinstance(value["sbatch_args"], dict):
+        problems.append(Problem("executor.sbatch_args", f"expected a mapping, got {value['sbatch_args']!r}"))
+    if problems:
+        return None, problems
+    return ExecutorSpec(**value), []
 
 
 def _help(text: str, **extra: Any) -> dict:
@@ -140,7 +202,23 @@ class DataArguments:
         default=0, metadata=_help("Seed for mixture weights, shuffling and the held-out split.")
     )
     num_proc: int | None = field(
-        default=None, metadata=_help("Worker processes for datasets.map (default: all CPU cores).")
+        default=None, metadata=_help("Worker processes (default: all CPU cores); executor.workers wins.")
+    )
+    engine: str = field(
+        default="datatrove",
+        metadata=_help(
+            "`datatrove`: datatrove blocks on `executor`; `datasets`: the previous datasets.map "
+            "implementation, kept for comparison (scripts/benchmark_data.py).",
+            choices=list(ENGINES),
+        ),
+    )
+    executor: dict = field(
+        default_factory=dict,
+        metadata=_help(
+            "Where the datatrove steps run: {kind: local, tasks, workers}, {kind: slurm, tasks, partition, "
+            "time, cpus_per_task, mem_per_cpu_gb, job_name, sbatch_args, venv_path} or {kind: ray, tasks, "
+            "address, cpus_per_task}. Reruns skip completed tasks."
+        ),
     )
     # cleaning (transforms)
     unicode_normalization: str = field(
@@ -204,6 +282,10 @@ class DataArguments:
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
         metadata=_help("n -> max share of characters in word n-grams that occur more than once."),
     )
+    c4_quality: bool = field(default=False, metadata=_help("datatrove's C4 quality filter (its defaults)."))
+    fineweb_quality: bool = field(
+        default=False, metadata=_help("datatrove's FineWeb quality filter (its defaults).")
+    )
     # harmful content
     blocklist_filter: bool = field(default=True, metadata=_help("Drop documents with blocklisted words."))
     blocklist_file: str | None = field(
@@ -246,10 +328,15 @@ class DataArguments:
     def __post_init__(self) -> None:
         self.datasets = [as_source(item) for item in self.datasets]
         self.decontamination_datasets = [as_source(item) for item in self.decontamination_datasets]
+        if isinstance(self.executor, dict):
+            spec, _ = executor_problems(self.executor)
+            self.executor_spec = spec or ExecutorSpec()
+            if spec is not None and spec.workers is None and spec.kind == "local":
+                spec.workers = self.num_proc
 
     def recipe_problems(self) -> list[Problem]:
         """Checks across the data recipe's keys (trellis.core.recipe checks that local paths exist)."""
-        problems = []
+        problems = list(executor_problems(self.executor)[1]) if isinstance(self.executor, dict) else []
         if not self.datasets:
             problems.append(
                 Problem(

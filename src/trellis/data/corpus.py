@@ -50,6 +50,7 @@ _CODE_FILES = (
     "tokenizer.py",
     "sources.py",
     "formats.py",
+    "datatrove_stage.py",
 )
 
 
@@ -76,6 +77,8 @@ def fingerprint(args: DataArguments) -> str:
     values = config_dict(args)
     for key in ("num_proc", "output_dir"):
         values.pop(key)
+    # Where the steps run does not change the result; how the input is split into tasks orders it.
+    values["executor"] = {"tasks": args.executor.get("tasks", 1)} if isinstance(args.executor, dict) else {}
     tokenizer = args.tokenizer_name_or_path
     if tokenizer and os.path.exists(os.path.expanduser(tokenizer)):
         tokenizer = file_stamps(os.path.expanduser(tokenizer))
