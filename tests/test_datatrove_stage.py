@@ -18,7 +18,7 @@ from conftest import REPO, SCRIPTS, run_script, write_recipe
 from test_dedup import NGRAM, THRESHOLD, planted_corpus
 
 from trellis.core.run_record import read_record
-from trellis.data import datatrove_stage
+from trellis.data import datatrove_blocks, datatrove_report, datatrove_stage
 from trellis.data.arguments import DataArguments
 from trellis.data.dedup import jaccard
 from trellis.data.packing import load_packed
@@ -56,9 +56,11 @@ def test_near_dedup_recall_and_precision_on_planted_duplicates(tmp_path):
     assert datatrove_stage.run_datatrove(args, work)
 
     kept = [
-        r for name in sorted(Path(work, "final").glob("*.jsonl")) for r in datatrove_stage._records(str(name))
+        r
+        for name in sorted(Path(work, "final").glob("*.jsonl"))
+        for r in datatrove_blocks.read_records(str(name))
     ]
-    removed = datatrove_stage._removed_records(work, "near_dedup")
+    removed = datatrove_report.removed_records(work, "near_dedup")
     clusters: dict[int, list[int]] = {}
     for record in [*kept, *removed]:
         if (cluster := record["metadata"].get("minhash_cluster_id", -1)) != -1:
@@ -98,7 +100,7 @@ def test_dedup_stays_aligned_when_a_task_loses_all_its_documents(tmp_path):
     )
     work = str(tmp_path / "work")
     assert datatrove_stage.run_datatrove(args, work)
-    kept = datatrove_stage.kept_documents(args, work)["text"]
+    kept = datatrove_report.kept_documents(args, work)["text"]
     assert sorted(t.lower() for t in kept) == sorted(t.lower() for t in distinct)
 
 
@@ -230,7 +232,7 @@ def test_slurm_executor_submits_each_run_as_a_job_array_after_the_previous(workd
         )
         jobs.append((int(args_file.stem), args_file.read_text().split("\n"), directives, script))
     steps = [job for job in jobs if "merge_stats" not in job[3]]
-    names = list(datatrove_stage.RUNS)
+    names = list(datatrove_report.RUNS)
     assert [d["job-name"] for _, _, d, _ in steps] == [f"tinydata_{n}" for n in names]
     arrays = [d["array"] for _, _, d, _ in steps]
     assert arrays == ["0-3", "0-0", "0-3", "0-3", "0-31", "0-0", "0-3"]  # tasks; one per LSH band; single

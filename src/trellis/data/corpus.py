@@ -51,6 +51,8 @@ _CODE_FILES = (
     "sources.py",
     "formats.py",
     "datatrove_stage.py",
+    "datatrove_blocks.py",
+    "datatrove_report.py",
 )
 
 
@@ -319,9 +321,9 @@ def prepare(args: DataArguments, num_proc: int, record) -> Report:
         corpus = _decontaminate(corpus, args, report, map_kwargs)
     if args.near_dedup:
         corpus = _near_dedup(corpus, args, report, map_kwargs)
-    documents = _split(corpus, args, report)
-    tokenizer = _tokenizer(documents, args, report)
-    _tokenize_and_pack(documents, tokenizer, args, report, map_kwargs)
+    documents = split_documents(corpus, args, report)
+    tokenizer = make_tokenizer(documents, args, report)
+    tokenize_and_pack_documents(documents, tokenizer, args, report, map_kwargs)
     report.write(args.output_dir)
     return report
 
@@ -414,7 +416,7 @@ def _near_dedup(corpus, args: DataArguments, report: Report, map_kwargs: dict):
     return corpus
 
 
-def _split(corpus, args: DataArguments, report: Report):
+def split_documents(corpus, args: DataArguments, report: Report):
     """Hold out validation documents."""
     import datasets
 
@@ -432,7 +434,7 @@ def _split(corpus, args: DataArguments, report: Report):
     return documents
 
 
-def _tokenizer(documents, args: DataArguments, report: Report):
+def make_tokenizer(documents, args: DataArguments, report: Report):
     """The base model's tokenizer or one trained on the training documents, saved, with its compression on held-out text."""
     with report.step("tokenizer", documents["train"]) as step:
         tokenizer = build_tokenizer(args, documents["train"])
@@ -446,7 +448,7 @@ def _tokenizer(documents, args: DataArguments, report: Report):
     return tokenizer
 
 
-def _tokenize_and_pack(documents, tokenizer, args: DataArguments, report: Report, map_kwargs: dict):
+def tokenize_and_pack_documents(documents, tokenizer, args: DataArguments, report: Report, map_kwargs: dict):
     """Tokenize every document and pack each split into blocks; save them."""
     with report.step("tokenize_and_pack", documents["train"]) as step:
         packed, pack_stats = tokenize_and_pack(documents, tokenizer, args.block_size, map_kwargs)

@@ -20,20 +20,13 @@ examples are read from those files, so they are the same whichever executor ran 
 from __future__ import annotations
 
 import glob
-import json
-import logging
 import os
 import shutil
-import struct
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.decont import NGramsDecontConfig, NGramsDecontFilter
+from datatrove.pipeline.decont import NGramsDecontFilter
 from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
 from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupConfig,
@@ -41,247 +34,41 @@ from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupSignature,
     ExactFindDedups,
 )
-from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
+from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
 from datatrove.pipeline.filters import (
     C4QualityFilter,
     FineWebQualityFilter,
     GopherQualityFilter,
     GopherRepetitionFilter,
 )
-from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.pipeline.formatters import PIIFormatter
-from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader
 from datatrove.pipeline.writers import JsonlWriter
-from datatrove.utils.hashing import HashConfig, create_hash_func
-from datatrove.utils.text import TextNormConfig, ngrams, simplify_text
-from datatrove.utils.word_tokenizers import WordTokenizer
 
-from trellis.data import dedup, text_quality
 from trellis.data.arguments import DataArguments, DatasetSource, ExecutorSpec
+from trellis.data.datatrove_blocks import (
+    WORK_DIR,
+    BlocklistFilter,
+    CountedPII,
+    LengthFilter,
+    RankFile,
+    TrellisClean,
+    VerifiedPairs,
+    WhitespaceWords,
+    decont_config,
+    exact_key,
+    minhash_config,
+    with_changes,
+    write_decontamination_index,
+)
+from trellis.data.datatrove_report import (
+    count_documents,
+    filter_removals,
+    kept_documents,
+    raise_if_empty,
+    removed_records,
+    report_steps,
+)
 from trellis.data.sources import DataError, load_source
-
-logger = logging.getLogger("trellis")
-
-WORK_DIR = "datatrove"
-_PII_PLACEHOLDERS = tuple(text_quality.PII_PLACEHOLDERS.values())
-# Numbers stay: the tiny corpus is sums ("4 + 5 = 9"), and a leak or a duplicate is about the numbers too.
-_NORM = TextNormConfig(norm_numbers=False, norm_unicode_diacritics=False)
-_EXAMPLE_CHARS = 300
-
-
-# --- Trellis blocks: only where datatrove has no such step ------------------------------------------
-
-
-class WhitespaceWords(WordTokenizer):
-    """Words as Trellis has always counted them (runs of non-space): the Gopher thresholds of existing
-    recipes keep their meaning, and no spaCy model is needed (datatrove's English default)."""
-
-    def __init__(self) -> None:
-        super().__init__("en")
-
-    def word_tokenize(self, text: str) -> list[str]:
-        return text_quality.words_of(text)
-
-    def sent_tokenize(self, text: str) -> list[str]:
-        return [line for line in text.split("\n") if line.strip()]
-
-    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-        spans, start = [], 0
-        for sentence in self.sent_tokenize(text):
-            start = text.index(sentence, start)
-            spans.append((start, start + len(sentence)))
-            start += len(sentence)
-        return spans
-
-
-class TrellisClean(BaseFormatter):
-    """Control characters, mojibake repair, Unicode normal form, boilerplate lines, whitespace (datatrove's
-    FTFY formatter needs ftfy and repairs differently; these are the recipe's keys)."""
-
-    name = "clean"
-
-    def __init__(self, args: DataArguments) -> None:
-        super().__init__()
-        self.args = _replace(args, redact_pii=False)  # PII is the next block's
-
-    def format(self, text: str) -> str:
-        return text_quality.clean_text(text, self.args)[0]
-
-
-class CountedPII(PIIFormatter):
-    """datatrove's PII formatter (emails, IP addresses) with Trellis's placeholders, plus phone numbers
-    (datatrove has no phone rule); counts what it replaced."""
-
-    name = "pii"
-
-    def __init__(self) -> None:
-        super().__init__(
-            email_replacement=text_quality.PII_PLACEHOLDERS["email"],
-            ip_replacement=text_quality.PII_PLACEHOLDERS["ip"],
-            only_remove_public_ips=False,
-        )
-
-    def format(self, text: str) -> str:
-        before = sum(text.count(p) for p in _PII_PLACEHOLDERS)
-        text = super().format(text)
-        text = text_quality.PHONE.sub(text_quality.PII_PLACEHOLDERS["phone"], text)
-        self.stat_update("pii_redacted", value=sum(text.count(p) for p in _PII_PLACEHOLDERS) - before)
-        return text
-
-
-class RecipeRule(BaseFilter):
-    """A Trellis rule as a datatrove filter, with Trellis's reason names."""
-
-    def __init__(self, args: DataArguments, exclusion_writer=None) -> None:
-        super().__init__(exclusion_writer)
-        self.args = args
-
-    def reason(self, text: str) -> str | None:
-        raise NotImplementedError
-
-    def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        reason = self.reason(doc.text)
-        return (False, reason) if reason else True
-
-
-class LengthFilter(RecipeRule):
-    """min/max characters and words (datatrove's Gopher filter bounds words only, without symbols)."""
-
-    name = "length"
-
-    def reason(self, text: str) -> str | None:
-        return text_quality.length_reason(text, text_quality.words_of(text), self.args)
-
-
-class BlocklistFilter(RecipeRule):
-    """The word and phrase blocklist over the text (datatrove's URLFilter looks at URLs only)."""
-
-    name = "blocklist"
-
-    def reason(self, text: str) -> str | None:
-        return text_quality.blocklist_reason(text, self.args)
-
-
-class RankFile(JsonlReader):
-    """Reads the one file its task wrote in the previous run (nothing if that task wrote none): the
-    dedup steps address documents by (task, index), which a reader sharing out whatever files exist
-    would shift when a task's documents were all removed."""
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        if data:
-            yield from data
-        name = f"{rank:05d}.jsonl"
-        if self.data_folder.isfile(name):
-            yield from self.read_files_shard([name])
-
-
-def _exact_key(doc: Document) -> str:
-    """Exact duplicates up to case, punctuation and whitespace, as before."""
-    return " ".join(dedup.normalized_words(doc.text))
-
-
-class VerifiedPairs(PipelineStep):
-    """Keep the LSH candidate pairs whose exact word-shingle Jaccard reaches the threshold. datatrove
-    clusters every pair that shares a band, so its precision is set by bands x rows alone; this step
-    makes `minhash_threshold` what decides, as before."""
-
-    type = "🫂 - DEDUP"
-    name = "verify candidate pairs"
-
-    def __init__(self, candidates: str, verified: str, documents: str, threshold: float, ngram: int) -> None:
-        super().__init__()
-        self.candidates, self.verified, self.documents = candidates, verified, documents
-        self.threshold, self.ngram = threshold, ngram
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        files = sorted(glob.glob(os.path.join(self.candidates, "*.dups")))
-        pairs = {name: _read_pairs(name) for name in files}
-        wanted = {doc for found in pairs.values() for pair in found for doc in pair}
-        texts = _texts_of(self.documents, wanted)
-        os.makedirs(self.verified, exist_ok=True)
-        similar: dict[tuple, bool] = {}
-        for name, found in pairs.items():
-            with open(os.path.join(self.verified, os.path.basename(name)), "wb") as out:
-                for a, b in found:
-                    if (a, b) not in similar:
-                        similar[a, b] = dedup.jaccard(texts[a], texts[b], self.ngram) >= self.threshold
-                    self.stat_update("candidates")
-                    if similar[a, b]:
-                        self.stat_update("verified")
-                        out.write(struct.pack("<4I", *a, *b))
-
-
-def _read_pairs(path: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    values = np.fromfile(path, dtype="<u4").reshape(-1, 4)
-    return [((int(f1), int(d1)), (int(f2), int(d2))) for f1, d1, f2, d2 in values]
-
-
-def _texts_of(folder: str, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
-    """Texts of the (task, index) documents of `folder`'s per-task files; only those."""
-    texts = {}
-    for task in sorted({task for task, _ in wanted}):
-        keep = {index for t, index in wanted if t == task}
-        for index, record in enumerate(_records(os.path.join(folder, f"{task:05d}.jsonl"))):
-            if index in keep:
-                texts[task, index] = record["text"]
-    return texts
-
-
-def _records(path: str):
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                yield json.loads(line)
-
-
-def _replace(args: DataArguments, **changes) -> DataArguments:
-    import dataclasses
-
-    return dataclasses.replace(args, **changes)
-
-
-def write_decontamination_index(args: DataArguments, folder: str) -> int:
-    """The n-gram hashes of every string of the evaluation records, in the format datatrove's
-    NGramsDecontFilter loads (its indexer reads lighteval tasks only). Returns how many records."""
-    config = _decont_config(args)
-    hash_func = create_hash_func(config.hash_config)
-    words = WhitespaceWords()
-    records = [row for source in args.decontamination_datasets for row in load_source(source)]
-    hashes = {
-        hash_func(" ".join(gram))
-        for record in records
-        for text in dedup.strings_in(record)
-        for gram in ngrams(words.word_tokenize(simplify_text(text, config.norm_config)), config.n_grams)
-    }
-    os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, "eval.partial")  # renamed when whole: a killed run leaves no half index
-    np.array(sorted(hashes), dtype=config.hash_config.np_descr).tofile(partial)
-    os.replace(partial, os.path.join(folder, "eval.index.hashes"))
-    return len(records)
-
-
-def _decont_config(args: DataArguments) -> NGramsDecontConfig:
-    return NGramsDecontConfig(
-        n_grams=args.decontamination_ngram,
-        find_query_ngrams=True,
-        find_overlap_ngrams=False,
-        norm_config=_NORM,
-    )
-
-
-def _minhash_config(args: DataArguments) -> MinhashConfig:
-    return MinhashConfig(
-        n_grams=args.minhash_ngram,
-        num_buckets=args.minhash_bands,
-        hashes_per_bucket=args.minhash_rows,
-        seed=args.seed,
-        norm_config=_NORM,
-        hash_config=HashConfig(precision=64),
-    )
-
-
-# --- the pipelines -----------------------------------------------------------------------------------
 
 
 def readers(args: DataArguments, work: str) -> list[PipelineStep]:
@@ -347,7 +134,7 @@ def _materialize(source: DatasetSource, args: DataArguments, folder: str) -> str
 
     if not os.path.exists(os.path.join(folder, "done")):
         os.makedirs(folder, exist_ok=True)
-        load_corpus(_replace(args, datasets=[source])).to_json(os.path.join(folder, "00000.jsonl"))
+        load_corpus(with_changes(args, datasets=[source])).to_json(os.path.join(folder, "00000.jsonl"))
         Path(folder, "done").touch()
     return folder
 
@@ -357,11 +144,12 @@ def _removed(work: str, step: str) -> JsonlWriter:
 
 
 def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, list, int]]:
-    """(name, pipeline, tasks) of the seven runs."""
+    """(name, pipeline, tasks) of the seven runs (kept in one piece: it is the table of the module's
+    docstring, block by block)."""
     tasks = args.executor_spec.tasks
     words = WhitespaceWords()
-    exact = ExactDedupConfig(content_getter=_exact_key)
-    minhash = _minhash_config(args)
+    exact = ExactDedupConfig(content_getter=exact_key)
+    minhash = minhash_config(args)
     path = lambda *parts: os.path.join(work, *parts)  # noqa: E731
     filters: list[PipelineStep] = [LengthFilter(args, _removed(work, "length"))]
     if args.gopher_quality:
@@ -410,7 +198,7 @@ def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, lis
         exact_steps.append(ExactDedupFilter(path("exact_dups"), config=exact))
     if args.decontamination_datasets:
         exact_steps.append(
-            NGramsDecontFilter(index, _decont_config(args), _removed(work, "decontaminate"), words)
+            NGramsDecontFilter(index, decont_config(args), _removed(work, "decontaminate"), words)
         )
     exact_steps.append(write("deduped"))
     runs: list[tuple[str, list, int]] = [("filter", filter_steps, tasks)]
@@ -513,9 +301,6 @@ def executors(spec: ExecutorSpec, runs: list[tuple[str, list, int]], work: str) 
     return made
 
 
-# --- running and reporting -----------------------------------------------------------------------------
-
-
 def work_dir(output_dir: str, fingerprint: str) -> str:
     """This recipe's datatrove folder; those of other recipes (stale) are removed."""
     root = os.path.join(output_dir, WORK_DIR)
@@ -549,221 +334,11 @@ def run_datatrove(args: DataArguments, work: str, wall: dict[str, float] | None 
         start = time.perf_counter()
         executor.run()
         wall[name] = time.perf_counter() - start
-        if name == "filter" and _count(work, "filtered") == 0:
-            _raise_empty("filter", {r: v["removed"] for r, v in filter_removals(args, work).items()})
-        if name == "exact_filter" and _count(work, "deduped") == 0:
-            _raise_empty("decontaminate", {"contaminated": len(_removed_records(work, "decontaminate"))})
+        if name == "filter" and count_documents(work, "filtered") == 0:
+            raise_if_empty("filter", {r: v["removed"] for r, v in filter_removals(args, work).items()})
+        if name == "exact_filter" and count_documents(work, "deduped") == 0:
+            raise_if_empty("decontaminate", {"contaminated": len(removed_records(work, "decontaminate"))})
     return True
-
-
-def _count(work: str, folder: str) -> int:
-    return sum(
-        sum(1 for _ in open(p, encoding="utf-8")) for p in glob.glob(os.path.join(work, folder, "*.jsonl"))
-    )
-
-
-def _removed_records(work: str, step: str) -> list[dict]:
-    files = sorted(glob.glob(os.path.join(work, "removed", step, "*.jsonl")))
-    return [record for name in files for record in _records(name)]
-
-
-def _stat(work: str, run: str, block: str, key: str) -> int:
-    total = 0
-    for name in glob.glob(os.path.join(work, "logs", run, "stats", "*.json")):
-        for entry in json.loads(Path(name).read_text()):
-            if entry["name"].endswith(block):
-                value = entry["stats"].get(key, 0)
-                total += value["total"] if isinstance(value, dict) else value
-    return int(total)
-
-
-def _example(text: str) -> str:
-    return text if len(text) <= _EXAMPLE_CHARS else text[:_EXAMPLE_CHARS] + "..."
-
-
-def report_steps(args: DataArguments, work: str, report, wall: dict[str, float]) -> int:
-    """Append the datatrove steps to the report (from the files they left); return the documents read.
-
-    A step's `seconds` are task-seconds: the time its blocks took, summed over the tasks that ran them
-    (one core each), wherever they ran; `wall` holds each run's wall-clock seconds.
-    """
-    filtered, filtered_bytes = _count(work, "filtered"), _bytes(work, "filtered")
-    removals = filter_removals(args, work)
-    loaded = filtered + sum(r["removed"] for r in removals.values())
-    loaded_bytes = filtered_bytes + sum(_bytes(work, f"removed/{step}") for step in _FILTER_STEPS)
-    entries = [
-        {
-            "step": "load",
-            "documents_in": 0,
-            "bytes_in": 0,
-            "documents_out": loaded,
-            "bytes_out": loaded_bytes,
-        },
-        {
-            "step": "clean",
-            "documents_in": loaded,
-            "bytes_in": loaded_bytes,
-            "documents_out": loaded,
-            "pii_redacted": _stat(work, "filter", "pii", "pii_redacted"),
-        },
-        {"step": "filter", "documents_in": loaded, "bytes_in": loaded_bytes, "documents_out": filtered},
-    ]
-    report.details["filters"] = removals
-    contaminated = _removed_records(work, "decontaminate")
-    deduped, deduped_bytes = _count(work, "deduped"), _bytes(work, "deduped")
-    if args.exact_dedup:
-        entries.append(
-            {
-                "step": "exact_dedup",
-                "documents_in": filtered,
-                "bytes_in": filtered_bytes,
-                "documents_out": deduped + len(contaminated),
-            }
-        )
-    if args.decontamination_datasets:
-        entries.append(
-            {
-                "step": "decontaminate",
-                "documents_in": deduped + len(contaminated),
-                "bytes_in": deduped_bytes + sum(len(r["text"].encode()) for r in contaminated),
-                "documents_out": deduped,
-            }
-        )
-        report.details["decontamination"] = {
-            "removed": len(contaminated),
-            "examples": [_example(r["text"]) for r in contaminated[: args.report_examples]],
-        }
-    if args.near_dedup:
-        final = _count(work, "final")
-        entries.append(
-            {"step": "near_dedup", "documents_in": deduped, "bytes_in": deduped_bytes, "documents_out": final}
-        )
-        report.details["near_duplicates"] = _near_duplicate_details(args, work)
-    seconds = task_seconds(work)
-    for entry in entries:
-        entry["seconds"] = round(seconds.get(entry["step"], 0.0), 3)
-    report.details["datatrove"] = {
-        "executor": args.executor_spec.kind,
-        "tasks": args.executor_spec.tasks,
-        "wall_seconds": {run: round(value, 3) for run, value in wall.items()},
-        "task_seconds": {step: round(value, 3) for step, value in seconds.items()},
-    }
-    report.steps.extend(entries)
-    return loaded
-
-
-_FILTER_STEPS = ("length", "gopher", "repetition", "c4", "fineweb", "blocklist")
-
-
-def _bytes(work: str, folder: str) -> int:
-    files = glob.glob(os.path.join(work, folder, "*.jsonl"))
-    return sum(len(r["text"].encode()) for name in files for r in _records(name))
-
-
-# Blocks whose timer spans the whole run (they iterate their input, and yield, inside it).
-_SPANNING = ("exact-deduplication stage 3", "MinHash stage 1")
-RUNS = (
-    "filter",
-    "exact_find",
-    "exact_filter",
-    "minhash_signature",
-    "minhash_buckets",
-    "minhash_cluster",
-    "minhash_filter",
-)
-
-
-def task_seconds(work: str) -> dict[str, float]:
-    """Seconds per report step, summed over blocks and tasks; reading and writing the intermediate
-    files between runs is `intermediate_io`. A block whose timer spans its run is given its run's time
-    less the other blocks' time."""
-    totals: Counter = Counter()
-    for run in RUNS:
-        for name in glob.glob(os.path.join(work, "logs", run, "stats", "*.json")):
-            blocks = {
-                block["name"]: block["time_stats"].get("total", 0.0)
-                for block in json.loads(Path(name).read_text())
-                if isinstance(block.get("time_stats"), dict)
-            }
-            spanning = [block for block in blocks if block.endswith(_SPANNING)]
-            own = sum(seconds for block, seconds in blocks.items() if block not in spanning)
-            for block, seconds in blocks.items():
-                totals[_step_of(run, block)] += max(seconds - own, 0.0) if block in spanning else seconds
-    return dict(totals)
-
-
-def _step_of(run: str, block: str) -> str:
-    if "READER" in block:
-        return "load" if run == "filter" else "intermediate_io"
-    if "WRITER" in block:
-        return "intermediate_io"
-    if run.startswith("minhash") or "MinHash" in block or "minhash" in block.lower():
-        return "near_dedup"
-    if "FORMAT" in block:
-        return "clean"
-    if "FILTER" in block:
-        return "filter"
-    if "DECONT" in block:
-        return "decontaminate"
-    return "exact_dedup"
-
-
-def filter_removals(args: DataArguments, work: str) -> dict[str, dict]:
-    """reason -> documents removed and the first few of them, from the filters' exclusion files."""
-    reasons: Counter = Counter()
-    examples: dict[str, list[str]] = {}
-    for step in _FILTER_STEPS:
-        for record in _removed_records(work, step):
-            reason = _reason(step, record["metadata"].get("filter_reason", step))
-            reasons[reason] += 1
-            shown = examples.setdefault(reason, [])
-            if len(shown) < args.report_examples:
-                shown.append(_example(record["text"]))
-    return {r: {"removed": reasons[r], "examples": examples[r]} for r in sorted(reasons)}
-
-
-def _reason(step: str, reason: str) -> str:
-    return reason if ":" in reason else f"{step}: {reason}"
-
-
-def _raise_empty(step: str, removed: dict) -> None:
-    why = ", ".join(f"{reason}: {count}" for reason, count in sorted(removed.items())) or "nothing"
-    raise DataError(
-        f"no documents left after step '{step}' (removed: {why}); relax the thresholds of that step "
-        f"in the recipe (or turn it off) or check the input data"
-    )
-
-
-def _near_duplicate_details(args: DataArguments, work: str) -> dict[str, Any]:
-    removed = _removed_records(work, "near_dedup")
-    clusters: dict[int, list[str]] = {}
-    for record in removed:
-        clusters.setdefault(record["metadata"]["minhash_cluster_id"], []).append(record["text"])
-    shown = sorted(clusters)[: args.report_examples]
-    kept = {}
-    for record in (
-        r for name in sorted(glob.glob(os.path.join(work, "final", "*.jsonl"))) for r in _records(name)
-    ):
-        cluster = record["metadata"].get("minhash_cluster_id", -1)
-        if cluster in shown:
-            kept[cluster] = record["text"]
-    return {
-        "clusters": len(clusters),
-        "removed": len(removed),
-        "largest_cluster": 1 + max((len(c) for c in clusters.values()), default=0) if clusters else 0,
-        "examples": [[_example(kept.get(c, "")), _example(clusters[c][0])] for c in shown],
-    }
-
-
-def kept_documents(args: DataArguments, work: str):
-    """The documents that survived, in task order, as a `text` dataset."""
-    import datasets
-
-    folder = "final" if args.near_dedup else "deduped"
-    texts = [
-        r["text"] for name in sorted(glob.glob(os.path.join(work, folder, "*.jsonl"))) for r in _records(name)
-    ]
-    return datasets.Dataset.from_dict({"text": texts})
 
 
 def prepare(args: DataArguments, fingerprint: str, record):
@@ -777,10 +352,10 @@ def prepare(args: DataArguments, fingerprint: str, record):
         return None
     report = corpus.Report()
     record.set_input("documents", report_steps(args, work, report, wall))
-    documents = corpus._split(kept_documents(args, work), args, report)
-    tokenizer = corpus._tokenizer(documents, args, report)
+    documents = corpus.split_documents(kept_documents(args, work), args, report)
+    tokenizer = corpus.make_tokenizer(documents, args, report)
     map_kwargs = {"num_proc": None, "batched": True, "batch_size": 256}
-    corpus._tokenize_and_pack(documents, tokenizer, args, report, map_kwargs)
+    corpus.tokenize_and_pack_documents(documents, tokenizer, args, report, map_kwargs)
     report.write(args.output_dir)
     return report
 

@@ -1,0 +1,251 @@
+"""The datatrove blocks Trellis adds where datatrove has no such step: cleaning, counted PII, the recipe's
+length and blocklist rules, rank-keeping readers, MinHash pairs verified by exact Jaccard, the
+decontamination index; and the datatrove configs made from a data recipe."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import struct
+
+import numpy as np
+from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.decont import NGramsDecontConfig
+from datatrove.pipeline.dedup.minhash import MinhashConfig
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.formatters import PIIFormatter
+from datatrove.pipeline.formatters.base import BaseFormatter
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.utils.hashing import HashConfig, create_hash_func
+from datatrove.utils.text import TextNormConfig, ngrams, simplify_text
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from trellis.data import dedup, text_quality
+from trellis.data.arguments import DataArguments
+from trellis.data.sources import load_source
+
+logger = logging.getLogger("trellis")
+
+
+WORK_DIR = "datatrove"
+
+
+_PII_PLACEHOLDERS = tuple(text_quality.PII_PLACEHOLDERS.values())
+
+
+# Numbers stay: the tiny corpus is sums ("4 + 5 = 9"), and a leak or a duplicate is about the numbers too.
+_NORM = TextNormConfig(norm_numbers=False, norm_unicode_diacritics=False)
+
+
+EXAMPLE_CHARS = 300
+
+
+class WhitespaceWords(WordTokenizer):
+    """Words as Trellis has always counted them (runs of non-space): the Gopher thresholds of existing
+    recipes keep their meaning, and no spaCy model is needed (datatrove's English default)."""
+
+    def __init__(self) -> None:
+        super().__init__("en")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return text_quality.words_of(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [line for line in text.split("\n") if line.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        spans, start = [], 0
+        for sentence in self.sent_tokenize(text):
+            start = text.index(sentence, start)
+            spans.append((start, start + len(sentence)))
+            start += len(sentence)
+        return spans
+
+
+class TrellisClean(BaseFormatter):
+    """Control characters, mojibake repair, Unicode normal form, boilerplate lines, whitespace (datatrove's
+    FTFY formatter needs ftfy and repairs differently; these are the recipe's keys)."""
+
+    name = "clean"
+
+    def __init__(self, args: DataArguments) -> None:
+        super().__init__()
+        self.args = with_changes(args, redact_pii=False)  # PII is the next block's
+
+    def format(self, text: str) -> str:
+        return text_quality.clean_text(text, self.args)[0]
+
+
+class CountedPII(PIIFormatter):
+    """datatrove's PII formatter (emails, IP addresses) with Trellis's placeholders, plus phone numbers
+    (datatrove has no phone rule); counts what it replaced."""
+
+    name = "pii"
+
+    def __init__(self) -> None:
+        super().__init__(
+            email_replacement=text_quality.PII_PLACEHOLDERS["email"],
+            ip_replacement=text_quality.PII_PLACEHOLDERS["ip"],
+            only_remove_public_ips=False,
+        )
+
+    def format(self, text: str) -> str:
+        before = sum(text.count(p) for p in _PII_PLACEHOLDERS)
+        text = super().format(text)
+        text = text_quality.PHONE.sub(text_quality.PII_PLACEHOLDERS["phone"], text)
+        self.stat_update("pii_redacted", value=sum(text.count(p) for p in _PII_PLACEHOLDERS) - before)
+        return text
+
+
+class RecipeRule(BaseFilter):
+    """A Trellis rule as a datatrove filter, with Trellis's reason names."""
+
+    def __init__(self, args: DataArguments, exclusion_writer=None) -> None:
+        super().__init__(exclusion_writer)
+        self.args = args
+
+    def reason(self, text: str) -> str | None:
+        raise NotImplementedError
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        reason = self.reason(doc.text)
+        return (False, reason) if reason else True
+
+
+class LengthFilter(RecipeRule):
+    """min/max characters and words (datatrove's Gopher filter bounds words only, without symbols)."""
+
+    name = "length"
+
+    def reason(self, text: str) -> str | None:
+        return text_quality.length_reason(text, text_quality.words_of(text), self.args)
+
+
+class BlocklistFilter(RecipeRule):
+    """The word and phrase blocklist over the text (datatrove's URLFilter looks at URLs only)."""
+
+    name = "blocklist"
+
+    def reason(self, text: str) -> str | None:
+        return text_quality.blocklist_reason(text, self.args)
+
+
+class RankFile(JsonlReader):
+    """Reads the one file its task wrote in the previous run (nothing if that task wrote none): the
+    dedup steps address documents by (task, index), which a reader sharing out whatever files exist
+    would shift when a task's documents were all removed."""
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if data:
+            yield from data
+        name = f"{rank:05d}.jsonl"
+        if self.data_folder.isfile(name):
+            yield from self.read_files_shard([name])
+
+
+def exact_key(doc: Document) -> str:
+    """Exact duplicates up to case, punctuation and whitespace, as before."""
+    return " ".join(dedup.normalized_words(doc.text))
+
+
+class VerifiedPairs(PipelineStep):
+    """Keep the LSH candidate pairs whose exact word-shingle Jaccard reaches the threshold. datatrove
+    clusters every pair that shares a band, so its precision is set by bands x rows alone; this step
+    makes `minhash_threshold` what decides, as before."""
+
+    type = "🫂 - DEDUP"
+    name = "verify candidate pairs"
+
+    def __init__(self, candidates: str, verified: str, documents: str, threshold: float, ngram: int) -> None:
+        super().__init__()
+        self.candidates, self.verified, self.documents = candidates, verified, documents
+        self.threshold, self.ngram = threshold, ngram
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        files = sorted(glob.glob(os.path.join(self.candidates, "*.dups")))
+        pairs = {name: read_pairs(name) for name in files}
+        wanted = {doc for found in pairs.values() for pair in found for doc in pair}
+        texts = texts_of(self.documents, wanted)
+        os.makedirs(self.verified, exist_ok=True)
+        similar: dict[tuple, bool] = {}
+        for name, found in pairs.items():
+            with open(os.path.join(self.verified, os.path.basename(name)), "wb") as out:
+                for a, b in found:
+                    if (a, b) not in similar:
+                        similar[a, b] = dedup.jaccard(texts[a], texts[b], self.ngram) >= self.threshold
+                    self.stat_update("candidates")
+                    if similar[a, b]:
+                        self.stat_update("verified")
+                        out.write(struct.pack("<4I", *a, *b))
+
+
+def read_pairs(path: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    values = np.fromfile(path, dtype="<u4").reshape(-1, 4)
+    return [((int(f1), int(d1)), (int(f2), int(d2))) for f1, d1, f2, d2 in values]
+
+
+def texts_of(folder: str, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
+    """Texts of the (task, index) documents of `folder`'s per-task files; only those."""
+    texts = {}
+    for task in sorted({task for task, _ in wanted}):
+        keep = {index for t, index in wanted if t == task}
+        for index, record in enumerate(read_records(os.path.join(folder, f"{task:05d}.jsonl"))):
+            if index in keep:
+                texts[task, index] = record["text"]
+    return texts
+
+
+def read_records(path: str):
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)
+
+
+def with_changes(args: DataArguments, **changes) -> DataArguments:
+    import dataclasses
+
+    return dataclasses.replace(args, **changes)
+
+
+def write_decontamination_index(args: DataArguments, folder: str) -> int:
+    """The n-gram hashes of every string of the evaluation records, in the format datatrove's
+    NGramsDecontFilter loads (its indexer reads lighteval tasks only). Returns how many records."""
+    config = decont_config(args)
+    hash_func = create_hash_func(config.hash_config)
+    words = WhitespaceWords()
+    records = [row for source in args.decontamination_datasets for row in load_source(source)]
+    hashes = {
+        hash_func(" ".join(gram))
+        for record in records
+        for text in dedup.strings_in(record)
+        for gram in ngrams(words.word_tokenize(simplify_text(text, config.norm_config)), config.n_grams)
+    }
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, "eval.partial")  # renamed when whole: a killed run leaves no half index
+    np.array(sorted(hashes), dtype=config.hash_config.np_descr).tofile(partial)
+    os.replace(partial, os.path.join(folder, "eval.index.hashes"))
+    return len(records)
+
+
+def decont_config(args: DataArguments) -> NGramsDecontConfig:
+    return NGramsDecontConfig(
+        n_grams=args.decontamination_ngram,
+        find_query_ngrams=True,
+        find_overlap_ngrams=False,
+        norm_config=_NORM,
+    )
+
+
+def minhash_config(args: DataArguments) -> MinhashConfig:
+    return MinhashConfig(
+        n_grams=args.minhash_ngram,
+        num_buckets=args.minhash_bands,
+        hashes_per_bucket=args.minhash_rows,
+        seed=args.seed,
+        norm_config=_NORM,
+        hash_config=HashConfig(precision=64),
+    )

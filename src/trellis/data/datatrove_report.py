@@ -1,0 +1,230 @@
+"""What the datatrove runs of the data stage kept and removed, per step and reason, read from the files the
+runs wrote (so the report is the same whichever executor ran them), and the documents they kept."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from trellis.data.arguments import DataArguments
+from trellis.data.datatrove_blocks import EXAMPLE_CHARS, read_records
+from trellis.data.sources import DataError
+
+
+def count_documents(work: str, folder: str) -> int:
+    return sum(
+        sum(1 for _ in open(p, encoding="utf-8")) for p in glob.glob(os.path.join(work, folder, "*.jsonl"))
+    )
+
+
+def removed_records(work: str, step: str) -> list[dict]:
+    files = sorted(glob.glob(os.path.join(work, "removed", step, "*.jsonl")))
+    return [record for name in files for record in read_records(name)]
+
+
+def _stat(work: str, run: str, block: str, key: str) -> int:
+    total = 0
+    for name in glob.glob(os.path.join(work, "logs", run, "stats", "*.json")):
+        for entry in json.loads(Path(name).read_text()):
+            if entry["name"].endswith(block):
+                value = entry["stats"].get(key, 0)
+                total += value["total"] if isinstance(value, dict) else value
+    return int(total)
+
+
+def example_text(text: str) -> str:
+    return text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS] + "..."
+
+
+def report_steps(args: DataArguments, work: str, report, wall: dict[str, float]) -> int:
+    """Append the datatrove steps to the report (from the files they left); return the documents read.
+    (One paragraph per step, in the order the runs make them.)
+
+    A step's `seconds` are task-seconds: the time its blocks took, summed over the tasks that ran them
+    (one core each), wherever they ran; `wall` holds each run's wall-clock seconds.
+    """
+    filtered, filtered_bytes = count_documents(work, "filtered"), _bytes(work, "filtered")
+    removals = filter_removals(args, work)
+    loaded = filtered + sum(r["removed"] for r in removals.values())
+    loaded_bytes = filtered_bytes + sum(_bytes(work, f"removed/{step}") for step in _FILTER_STEPS)
+    entries = [
+        {
+            "step": "load",
+            "documents_in": 0,
+            "bytes_in": 0,
+            "documents_out": loaded,
+            "bytes_out": loaded_bytes,
+        },
+        {
+            "step": "clean",
+            "documents_in": loaded,
+            "bytes_in": loaded_bytes,
+            "documents_out": loaded,
+            "pii_redacted": _stat(work, "filter", "pii", "pii_redacted"),
+        },
+        {"step": "filter", "documents_in": loaded, "bytes_in": loaded_bytes, "documents_out": filtered},
+    ]
+    report.details["filters"] = removals
+    contaminated = removed_records(work, "decontaminate")
+    deduped, deduped_bytes = count_documents(work, "deduped"), _bytes(work, "deduped")
+    if args.exact_dedup:
+        entries.append(
+            {
+                "step": "exact_dedup",
+                "documents_in": filtered,
+                "bytes_in": filtered_bytes,
+                "documents_out": deduped + len(contaminated),
+            }
+        )
+    if args.decontamination_datasets:
+        entries.append(
+            {
+                "step": "decontaminate",
+                "documents_in": deduped + len(contaminated),
+                "bytes_in": deduped_bytes + sum(len(r["text"].encode()) for r in contaminated),
+                "documents_out": deduped,
+            }
+        )
+        report.details["decontamination"] = {
+            "removed": len(contaminated),
+            "examples": [example_text(r["text"]) for r in contaminated[: args.report_examples]],
+        }
+    if args.near_dedup:
+        final = count_documents(work, "final")
+        entries.append(
+            {"step": "near_dedup", "documents_in": deduped, "bytes_in": deduped_bytes, "documents_out": final}
+        )
+        report.details["near_duplicates"] = _near_duplicate_details(args, work)
+    seconds = task_seconds(work)
+    for entry in entries:
+        entry["seconds"] = round(seconds.get(entry["step"], 0.0), 3)
+    report.details["datatrove"] = {
+        "executor": args.executor_spec.kind,
+        "tasks": args.executor_spec.tasks,
+        "wall_seconds": {run: round(value, 3) for run, value in wall.items()},
+        "task_seconds": {step: round(value, 3) for step, value in seconds.items()},
+    }
+    report.steps.extend(entries)
+    return loaded
+
+
+_FILTER_STEPS = ("length", "gopher", "repetition", "c4", "fineweb", "blocklist")
+
+
+def _bytes(work: str, folder: str) -> int:
+    files = glob.glob(os.path.join(work, folder, "*.jsonl"))
+    return sum(len(r["text"].encode()) for name in files for r in read_records(name))
+
+
+# Blocks whose timer spans the whole run (they iterate their input, and yield, inside it).
+_SPANNING = ("exact-deduplication stage 3", "MinHash stage 1")
+
+
+RUNS = (
+    "filter",
+    "exact_find",
+    "exact_filter",
+    "minhash_signature",
+    "minhash_buckets",
+    "minhash_cluster",
+    "minhash_filter",
+)
+
+
+def task_seconds(work: str) -> dict[str, float]:
+    """Seconds per report step, summed over blocks and tasks; reading and writing the intermediate
+    files between runs is `intermediate_io`. A block whose timer spans its run is given its run's time
+    less the other blocks' time."""
+    totals: Counter = Counter()
+    for run in RUNS:
+        for name in glob.glob(os.path.join(work, "logs", run, "stats", "*.json")):
+            blocks = {
+                block["name"]: block["time_stats"].get("total", 0.0)
+                for block in json.loads(Path(name).read_text())
+                if isinstance(block.get("time_stats"), dict)
+            }
+            spanning = [block for block in blocks if block.endswith(_SPANNING)]
+            own = sum(seconds for block, seconds in blocks.items() if block not in spanning)
+            for block, seconds in blocks.items():
+                totals[_step_of(run, block)] += max(seconds - own, 0.0) if block in spanning else seconds
+    return dict(totals)
+
+
+def _step_of(run: str, block: str) -> str:
+    if "READER" in block:
+        return "load" if run == "filter" else "intermediate_io"
+    if "WRITER" in block:
+        return "intermediate_io"
+    if run.startswith("minhash") or "MinHash" in block or "minhash" in block.lower():
+        return "near_dedup"
+    if "FORMAT" in block:
+        return "clean"
+    if "FILTER" in block:
+        return "filter"
+    if "DECONT" in block:
+        return "decontaminate"
+    return "exact_dedup"
+
+
+def filter_removals(args: DataArguments, work: str) -> dict[str, dict]:
+    """reason -> documents removed and the first few of them, from the filters' exclusion files."""
+    reasons: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    for step in _FILTER_STEPS:
+        for record in removed_records(work, step):
+            reason = _reason(step, record["metadata"].get("filter_reason", step))
+            reasons[reason] += 1
+            shown = examples.setdefault(reason, [])
+            if len(shown) < args.report_examples:
+                shown.append(example_text(record["text"]))
+    return {r: {"removed": reasons[r], "examples": examples[r]} for r in sorted(reasons)}
+
+
+def _reason(step: str, reason: str) -> str:
+    return reason if ":" in reason else f"{step}: {reason}"
+
+
+def raise_if_empty(step: str, removed: dict) -> None:
+    why = ", ".join(f"{reason}: {count}" for reason, count in sorted(removed.items())) or "nothing"
+    raise DataError(
+        f"no documents left after step '{step}' (removed: {why}); relax the thresholds of that step "
+        f"in the recipe (or turn it off) or check the input data"
+    )
+
+
+def _near_duplicate_details(args: DataArguments, work: str) -> dict[str, Any]:
+    removed = removed_records(work, "near_dedup")
+    clusters: dict[int, list[str]] = {}
+    for record in removed:
+        clusters.setdefault(record["metadata"]["minhash_cluster_id"], []).append(record["text"])
+    shown = sorted(clusters)[: args.report_examples]
+    kept = {}
+    for record in (
+        r for name in sorted(glob.glob(os.path.join(work, "final", "*.jsonl"))) for r in read_records(name)
+    ):
+        cluster = record["metadata"].get("minhash_cluster_id", -1)
+        if cluster in shown:
+            kept[cluster] = record["text"]
+    return {
+        "clusters": len(clusters),
+        "removed": len(removed),
+        "largest_cluster": 1 + max((len(c) for c in clusters.values()), default=0) if clusters else 0,
+        "examples": [[example_text(kept.get(c, "")), example_text(clusters[c][0])] for c in shown],
+    }
+
+
+def kept_documents(args: DataArguments, work: str):
+    """The documents that survived, in task order, as a `text` dataset."""
+    import datasets
+
+    folder = "final" if args.near_dedup else "deduped"
+    texts = [
+        r["text"]
+        for name in sorted(glob.glob(os.path.join(work, folder, "*.jsonl")))
+        for r in read_records(name)
+    ]
+    return datasets.Dataset.from_dict({"text": texts})
