@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 import yaml
+from transformers import AutoTokenizer
 from conftest import REPO, run_script, write_recipe
 
 from trellis.core.run_record import read_record
@@ -195,7 +196,8 @@ def test_planted_problems_are_removed_and_reported(workdir, tmp_path):
     assert "really" in text  # the near-miss of the eval question is kept
     assert "café" in text and "Ã" not in text
     assert base[0].upper() not in text  # the exact duplicate (up to case) is gone
-    assert report["tokenizer"]["trained"] is False and len(tokenizer) == 634
+    base_tokenizer = AutoTokenizer.from_pretrained(workdir / "data" / "tiny" / "tokenizer")
+    assert report["tokenizer"]["trained"] is False and tokenizer.get_vocab() == base_tokenizer.get_vocab()
 
 
 def test_packing_keeps_every_token_of_every_document_exactly_once():

@@ -226,7 +226,7 @@ def _load_text_source(source: DatasetSource, column: str):
         # Check the first record here: an error inside the generator would surface wrapped by datasets.
         first = next(iter(load_source(source, streaming=True)), None)
         if first is not None and column not in first:
-            raise DataError(_missing_column(source, column, list(first)))
+            raise DataError(missing_column_message(source, column, list(first)))
         return datasets.Dataset.from_generator(
             _stream_texts,
             gen_kwargs={"source": source, "column": column},
@@ -234,7 +234,7 @@ def _load_text_source(source: DatasetSource, column: str):
         )
     dataset = load_source(source)
     if column not in dataset.column_names:
-        raise DataError(_missing_column(source, column, dataset.column_names))
+        raise DataError(missing_column_message(source, column, dataset.column_names))
     if source.max_documents is not None:
         dataset = dataset.select(range(min(source.max_documents, len(dataset))))
     dataset = dataset.select_columns([column])
@@ -247,7 +247,7 @@ def _stream_texts(source: DatasetSource, column: str) -> Iterator[dict]:
         yield {"text": record[column]}
 
 
-def _missing_column(source: DatasetSource, column: str, columns: list[str]) -> str:
+def missing_column_message(source: DatasetSource, column: str, columns: list[str]) -> str:
     return (
         f"dataset {source.path!r} has no text column {column!r}; it has {sorted(columns)}: set "
         f"`text_field` of this source in the recipe to one of them"

@@ -121,12 +121,12 @@ def _file_kind(paths: list[str]) -> str | None:
 
 def _check_text_field(source: DatasetSource) -> None:
     """The text column exists: a reader would otherwise skip every record as empty."""
-    from trellis.data.corpus import _missing_column
+    from trellis.data.corpus import missing_column_message
 
     column = source.text_field or "text"
     first = next(iter(load_source(source, streaming=True)), None)
     if first is not None and column not in first:
-        raise DataError(_missing_column(source, column, list(first)))
+        raise DataError(missing_column_message(source, column, list(first)))
 
 
 def _materialize(source: DatasetSource, args: DataArguments, folder: str) -> str:
