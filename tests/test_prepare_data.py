@@ -10,8 +10,8 @@ from pathlib import Path
 import datasets
 import pytest
 import yaml
-from transformers import AutoTokenizer
 from conftest import REPO, run_script, write_recipe
+from transformers import AutoTokenizer
 
 from trellis.core.run_record import read_record
 from trellis.data.packing import load_packed, pack_blocks, tokenize_and_pack
