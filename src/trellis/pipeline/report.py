@@ -22,6 +22,7 @@ from trellis.core.tables import markdown_table, number
 from trellis.evaluate.comparison import RESULTS_JSON, markdown, plot_file_name
 from trellis.pipeline.seed_table import SWEEP_DIR, read_sweep
 from trellis.pipeline.seed_table import markdown as sweep_markdown
+from trellis.pipeline.spec import PIPELINE_RUN
 from trellis.pipeline.verdicts import stage_metrics
 
 REPORT_MARKDOWN, REPORT_HTML, PLOTS = "report.md", "report.html", "report_plots"
@@ -91,7 +92,7 @@ def plot_training_curves(history: list[dict], title: str, path: Path) -> bool:
 
 def build_report(pipeline_dir: str) -> tuple[str, list[dict]]:
     """The report as markdown (images as relative paths), and each stage's verdict."""
-    state_path = Path(pipeline_dir) / "pipeline_run.json"
+    state_path = Path(pipeline_dir) / PIPELINE_RUN
     sweep = read_sweep(pipeline_dir)
     if not state_path.exists() and not sweep:
         raise TrellisError(f"{pipeline_dir}: no pipeline_run.json; run `trellis run PIPELINE.yaml` first")

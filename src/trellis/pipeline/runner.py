@@ -25,10 +25,15 @@ from trellis.pipeline.plan import (
     shown,
 )
 from trellis.pipeline.publish import publish_from_pipeline
-from trellis.pipeline.spec import PUBLISH, Pipeline, PipelineError, Stage, load_pipeline, write_yaml
-
-PIPELINE_RUN = "pipeline_run.json"
-
+from trellis.pipeline.spec import (
+    PIPELINE_RUN,
+    PUBLISH,
+    Pipeline,
+    PipelineError,
+    Stage,
+    load_pipeline,
+    write_yaml,
+)
 
 # --- the runner -------------------------------------------------------------------------------------------
 

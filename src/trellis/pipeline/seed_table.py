@@ -12,11 +12,11 @@ from trellis.core.errors import TrellisError
 from trellis.core.run_record import machine_summary, read_record
 from trellis.core.tables import markdown_table, number
 from trellis.evaluate.comparison import RESULTS_JSON
+from trellis.pipeline.spec import PIPELINE_RUN
 from trellis.pipeline.verdicts import stage_metrics
 
 SWEEP_DIR = "seeds"
 SWEEP_MARKDOWN, SWEEP_JSON = "sweep.md", "sweep.json"
-PIPELINE_RUN = "pipeline_run.json"  # each seed's (trellis.pipeline.runner writes it)
 
 
 def seed_dir(output_dir: str, seed: int) -> str:

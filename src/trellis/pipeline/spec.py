@@ -39,6 +39,7 @@ from trellis.core.recipe import (
 )
 from trellis.stages import STAGES, parse_recipe, stage_types
 
+PIPELINE_RUN = "pipeline_run.json"  # in the pipeline's output_dir: every stage's lineage and state
 PUBLISH = "publish"  # the stage kind the runner does itself (it only uploads files)
 PIPELINE_KEYS = ("name", "output_dir", "accelerate_config", "env", "stages")
 STAGE_KEYS = ("name", "stage", "recipe", "accelerate_config", "overrides", "env", "push_to_hub")

@@ -41,7 +41,7 @@ class ModelArguments(ModelConfig):
 
 @dataclass
 class SFTScriptArguments(ScriptArguments):
-    """SFT's data plus how its loss computes the LM head (trellis.lm_head_loss)."""
+    """SFT's data plus how its loss computes the LM head (trellis.train.lm_head_loss)."""
 
     unchunked_loss_max_mib: float = field(
         default=0.0,
