@@ -160,3 +160,21 @@ def start_script(args: list[str], cwd: Path) -> subprocess.Popen:
     script, *rest = args
     command = [sys.executable, str(SCRIPTS / script), *rest]
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+class RecordingHub:
+    """Stands in for huggingface_hub.HfApi (the Hub is unreachable here): records what would be sent."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **options):
+        self.calls.append(("create_repo", repo_id, options))
+
+    def create_branch(self, repo_id, **options):
+        self.calls.append(("create_branch", repo_id, options))
+
+    def create_commit(self, repo_id, operations, **options):
+        files = {op.path_in_repo: op.path_or_fileobj for op in operations}
+        self.calls.append(("create_commit", repo_id, {**options, "files": files}))
+        return f"https://huggingface.co/{repo_id}/commit/0"

@@ -23,7 +23,7 @@ from alignment_metrics import (
     preference_pairs,
     reward_scores,
 )
-from conftest import LORA, run_stage, write_recipe
+from conftest import LORA, RecordingHub, run_stage, write_recipe
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from trellis.core.run_record import read_record
@@ -198,3 +198,22 @@ def test_kto_and_orpo_prefer_chosen_answers_more_than_sft(workdir, sft_model, se
     else:  # measured (seed 0, 1 thread): accuracy 0.30 -> 0.83 (ORPO's own), 0.31 -> 0.82 (per token, independently)
         assert final["eval_rewards/accuracies"] > initial["eval_rewards/accuracies"] + 0.1
         assert after[0] > before[0] + 0.04, (before, after)
+
+
+def test_a_training_stages_push_uploads_the_final_model_with_its_card(sft_model):
+    """push_to_hub on a training stage goes through the one upload (trellis.core.hub): the final model's files,
+    no checkpoints or pickles, and a card naming the stage; private unless the recipe says otherwise."""
+    from types import SimpleNamespace
+
+    from trellis.train.run import push_final_model
+
+    hub = RecordingHub()
+    args = SimpleNamespace(hub_model_id="me/tiny-sft", hub_private_repo=None, hub_revision=None)
+    plan = push_final_model(args, str(sft_model), api=hub)
+
+    (_, repo, repo_options), (_, _, commit) = hub.calls
+    assert repo == "me/tiny-sft" and repo_options["private"] is True
+    assert set(commit["files"]) == set(plan["files"]) and "model.safetensors" in commit["files"]
+    assert not any(name.startswith("checkpoint-") or name.endswith(".bin") for name in commit["files"])
+    card = commit["files"]["README.md"].decode()
+    assert "Trellis `sft` stage" in card and "eval_loss" in card

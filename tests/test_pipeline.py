@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_recipe
+from conftest import REPO, RecordingHub, write_recipe
 from record_opens import run_recording_opens
 
 from trellis.core.hub import files_to_upload
@@ -269,24 +269,6 @@ def test_report_shows_each_stage_and_rebuilds(workdir, short_run, monkeypatch):
 
 
 # --- publishing -------------------------------------------------------------------------------------------
-
-
-class RecordingHub:
-    """Stands in for huggingface_hub.HfApi (the Hub is unreachable here): records what would be sent."""
-
-    def __init__(self):
-        self.calls = []
-
-    def create_repo(self, repo_id, **options):
-        self.calls.append(("create_repo", repo_id, options))
-
-    def create_branch(self, repo_id, **options):
-        self.calls.append(("create_branch", repo_id, options))
-
-    def create_commit(self, repo_id, operations, **options):
-        files = {op.path_in_repo: op.path_or_fileobj for op in operations}
-        self.calls.append(("create_commit", repo_id, {**options, "files": files}))
-        return f"https://huggingface.co/{repo_id}/commit/0"
 
 
 def test_publish_sends_model_card_with_results_and_lineage(workdir, short_run, monkeypatch):
