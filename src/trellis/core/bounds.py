@@ -93,6 +93,8 @@ VALUE_BOUNDS: dict[str, Bound] = {
     "test_split_size": Bound(0, low_open=True, note="a fraction < 1 or a count of examples"),
     "unchunked_loss_max_mib": _NOT_NEGATIVE,
     "batch_size": _AT_LEAST_1,
+    "quality_batch_size": _AT_LEAST_1,
+    "quality_max_length": _AT_LEAST_1,
     # DatasetSource (an item of `datasets`)
     "weight": Bound(0, low_open=True, note="the share of the source to use: 0.5 a half, 2.0 twice"),
     "max_documents": _AT_LEAST_1,

@@ -286,6 +286,27 @@ class DataArguments:
     fineweb_quality: bool = field(
         default=False, metadata=_help("datatrove's FineWeb quality filter (its defaults).")
     )
+    # model-based quality scoring (datatrove engine)
+    quality_model: str | None = field(
+        default=None,
+        metadata=_help(
+            "A Hugging Face sequence-classification model with one output (Hub id or local directory), "
+            "e.g. HuggingFaceFW/fineweb-edu-classifier (scores ~0-5): every document that passes the rules "
+            "is scored, and those under quality_threshold are removed (null: off; needs engine: datatrove)."
+        ),
+    )
+    quality_model_revision: str | None = field(default=None, metadata=_help("Hub revision of quality_model."))
+    quality_threshold: float = field(
+        default=3.0, metadata=_help("Documents scoring below this are removed (FineWeb-Edu used 3).")
+    )
+    quality_batch_size: int = field(default=32, metadata=_help("Documents scored at once."))
+    quality_max_length: int = field(
+        default=512, metadata=_help("Tokens of a document the model reads (the rest is truncated).")
+    )
+    quality_trust_remote_code: bool = field(
+        default=False,
+        metadata=_help("Run quality_model's own code from the Hub (off: transformers' classes)."),
+    )
     # harmful content
     blocklist_filter: bool = field(default=True, metadata=_help("Drop documents with blocklisted words."))
     blocklist_file: str | None = field(
@@ -342,6 +363,14 @@ class DataArguments:
                 Problem(
                     "datasets",
                     "required: list the raw text, e.g.\n      datasets:\n        - path: corpus/*.jsonl",
+                )
+            )
+        if self.quality_model and self.engine != "datatrove":
+            problems.append(
+                Problem(
+                    "quality_model",
+                    f"model scoring runs on the datatrove engine only, and this recipe sets engine: "
+                    f"{self.engine}; remove `engine` (datatrove is the default) or `quality_model`",
                 )
             )
         if self.minhash_bands * self.minhash_rows != self.minhash_num_perm:

@@ -73,23 +73,28 @@ def _source_stamps(source: DatasetSource) -> dict | str:
     return {name: stamp for item in local for name, stamp in file_stamps(item).items()}
 
 
+def _model_stamps(name: str | None) -> dict | str | None:
+    """A local model or tokenizer directory by content; a Hub id by name (its revision is a recipe key)."""
+    if name and os.path.exists(os.path.expanduser(name)):
+        return file_stamps(os.path.expanduser(name))
+    return name
+
+
 def fingerprint(args: DataArguments) -> str:
     """Hash of everything the output depends on: recipe values, input file contents, base tokenizer,
-    blocklist and the stage's code. `num_proc` and `output_dir` do not change the result."""
+    quality model, blocklist and the stage's code. `num_proc` and `output_dir` do not change the result."""
     values = config_dict(args)
     for key in ("num_proc", "output_dir"):
         values.pop(key)
     # Where the steps run does not change the result; how the input is split into tasks orders it.
     values["executor"] = {"tasks": args.executor.get("tasks", 1)} if isinstance(args.executor, dict) else {}
-    tokenizer = args.tokenizer_name_or_path
-    if tokenizer and os.path.exists(os.path.expanduser(tokenizer)):
-        tokenizer = file_stamps(os.path.expanduser(tokenizer))
     here = Path(__file__).parent
     return content_hash(
         {
             "recipe": values,
             "sources": [_source_stamps(s) for s in [*args.datasets, *args.decontamination_datasets]],
-            "tokenizer": tokenizer,
+            "tokenizer": _model_stamps(args.tokenizer_name_or_path),
+            "quality_model": _model_stamps(args.quality_model),
             "blocklist": file_stamps(args.blocklist_file or str(text_quality.DEFAULT_BLOCKLIST))
             if args.blocklist_filter
             else None,

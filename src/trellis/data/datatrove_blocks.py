@@ -1,5 +1,5 @@
 """The datatrove blocks Trellis adds where datatrove has no such step: cleaning, counted PII, the recipe's
-length and blocklist rules, rank-keeping readers, MinHash pairs verified by exact Jaccard, the
+length and blocklist rules, scoring with a Hugging Face classifier, rank-keeping readers, MinHash pairs verified by exact Jaccard, the
 decontamination index; and the datatrove configs made from a data recipe."""
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from datatrove.utils.hashing import HashConfig, create_hash_func
 from datatrove.utils.text import TextNormConfig, ngrams, simplify_text
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from trellis.core.recipe import local_path_problem
 from trellis.data import dedup, text_quality
 from trellis.data.arguments import DataArguments
-from trellis.data.sources import load_source
+from trellis.data.sources import DataError, load_source
 
 logger = logging.getLogger("trellis")
 
@@ -131,6 +132,110 @@ class BlocklistFilter(RecipeRule):
 
     def reason(self, text: str) -> str | None:
         return text_quality.blocklist_reason(text, self.args)
+
+
+QUALITY_SCORE = "quality_score"  # the metadata key of a document's score
+
+
+class QualityFilter(BaseFilter):
+    """Scores documents with a Hugging Face sequence-classification model (one output: its logit is the
+    score, as with the FineWeb-Edu classifier), in batches, keeps the score in the document's metadata
+    and removes documents under the threshold. datatrove's classifier filter is fastText only. The model
+    is loaded once per worker process, on its first batch."""
+
+    name = "quality model"
+
+    def __init__(self, args: DataArguments, threads: int, exclusion_writer=None) -> None:
+        super().__init__(exclusion_writer, batch_size=args.quality_batch_size)
+        self.model_name, self.revision = args.quality_model, args.quality_model_revision
+        self.trust_remote_code = args.quality_trust_remote_code
+        self.threshold, self.max_length, self.threads = (
+            args.quality_threshold,
+            args.quality_max_length,
+            threads,
+        )
+        self._loaded = None
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return self.filter_batch([doc])[0]
+
+    def filter_batch(self, batch: list[Document]) -> list[bool | tuple[bool, str]]:
+        import torch
+
+        if self._loaded is None:
+            torch.set_num_threads(self.threads)  # the worker's share of the cores
+            self._loaded = load_quality_model(self.model_name, self.revision, self.trust_remote_code)
+        tokenizer, model = self._loaded
+        inputs = tokenizer(
+            [doc.text for doc in batch],
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
+        ).to(model.device)
+        with torch.no_grad():
+            scores = model(**inputs).logits[:, 0].float().tolist()
+        results: list[bool | tuple[bool, str]] = []
+        for doc, score in zip(batch, scores, strict=True):
+            doc.metadata[QUALITY_SCORE] = score
+            results.append(True if score >= self.threshold else (False, f"score_below_{self.threshold:g}"))
+        return results
+
+
+def quality_model_config(name: str, revision: str | None, trust_remote_code: bool):
+    """The model's config, checked to be a sequence classifier with one output; a DataError (naming
+    `quality_model` and the fix) otherwise. Reads config.json only: the check comes before heavy work."""
+    from transformers import AutoConfig
+
+    if message := local_path_problem(name, "model directory"):
+        raise DataError(f"quality_model: {message}")
+    name = _model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise DataError(f"quality_model: cannot load {name!r}: {error}") from None
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise DataError(
+            f"quality_model: {name!r} is not a sequence-classification model (its config names "
+            f"{architectures or 'no architecture'}): a model without its classification head would score "
+            "at random. Use a classifier such as HuggingFaceFW/fineweb-edu-classifier, or save yours "
+            "with AutoModelForSequenceClassification(num_labels=1).save_pretrained"
+        )
+    if config.num_labels != 1:
+        raise DataError(
+            f"quality_model: {name!r} has {config.num_labels} outputs; the score is a regression head's one "
+            "output (num_labels=1, like HuggingFaceFW/fineweb-edu-classifier)"
+        )
+    if os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")):
+        raise DataError(
+            f"quality_model: {name!r} has no .safetensors weights (Trellis loads no pickled weights): save "
+            "the model again with save_pretrained"
+        )
+    return config
+
+
+def _model_source(name: str) -> str:
+    """A local directory with `~` expanded (transformers would take `~/x` for a Hub id), else the Hub id."""
+    return os.path.expanduser(name) if os.path.isdir(os.path.expanduser(name)) else name
+
+
+def load_quality_model(name: str, revision: str | None, trust_remote_code: bool):
+    """(tokenizer, model) for scoring: checked, safetensors only, in eval mode, on the GPU if any."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    config = quality_model_config(name, revision, trust_remote_code)
+    name = _model_source(name)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:  # decoder classifiers (Llama) come without one; batches need it
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name, config=config, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    if model.config.pad_token_id is None:  # it finds each document's last token by the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 class RankFile(JsonlReader):

@@ -1,17 +1,21 @@
-"""What the datatrove runs of the data stage kept and removed, per step and reason, read from the files the
-runs wrote (so the report is the same whichever executor ran them), and the documents they kept."""
+"""What the datatrove runs of the data stage kept and removed, per step and reason, and the quality model's
+scores, read from the files the runs wrote (so the report is the same whichever executor ran them), and
+the documents they kept."""
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from trellis.data.arguments import DataArguments
-from trellis.data.datatrove_blocks import EXAMPLE_CHARS, read_records
+from trellis.data.datatrove_blocks import EXAMPLE_CHARS, QUALITY_SCORE, QualityFilter, read_records
 from trellis.data.sources import DataError
 
 
@@ -51,6 +55,8 @@ def report_steps(args: DataArguments, work: str, report, wall: dict[str, float])
     removals = filter_removals(args, work)
     loaded = filtered + sum(r["removed"] for r in removals.values())
     loaded_bytes = filtered_bytes + sum(_bytes(work, f"removed/{step}") for step in _FILTER_STEPS)
+    unscored = removed_records(work, "quality")  # under the threshold
+    ruled = filtered + len(unscored)  # what the rules kept, all of it scored
     entries = [
         {
             "step": "load",
@@ -66,9 +72,19 @@ def report_steps(args: DataArguments, work: str, report, wall: dict[str, float])
             "documents_out": loaded,
             "pii_redacted": _stat(work, "filter", "pii", "pii_redacted"),
         },
-        {"step": "filter", "documents_in": loaded, "bytes_in": loaded_bytes, "documents_out": filtered},
+        {"step": "filter", "documents_in": loaded, "bytes_in": loaded_bytes, "documents_out": ruled},
     ]
     report.details["filters"] = removals
+    if args.quality_model:
+        entries.append(
+            {
+                "step": "quality_score",
+                "documents_in": ruled,
+                "bytes_in": filtered_bytes + sum(len(r["text"].encode()) for r in unscored),
+                "documents_out": filtered,
+            }
+        )
+        report.details["quality_scores"] = quality_details(args, work, unscored)
     contaminated = removed_records(work, "decontaminate")
     deduped, deduped_bytes = count_documents(work, "deduped"), _bytes(work, "deduped")
     if args.exact_dedup:
@@ -112,7 +128,49 @@ def report_steps(args: DataArguments, work: str, report, wall: dict[str, float])
     return loaded
 
 
-_FILTER_STEPS = ("length", "gopher", "repetition", "c4", "fineweb", "blocklist")
+_FILTER_STEPS = ("length", "gopher", "repetition", "c4", "fineweb", "blocklist", "quality")
+
+
+def quality_details(args: DataArguments, work: str, removed: list[dict]) -> dict[str, Any]:
+    """The scores of every scored document: summary, histogram, and the documents on either side of the
+    threshold (what it cut, and what it let through)."""
+    kept = [
+        r for name in sorted(glob.glob(os.path.join(work, "filtered", "*.jsonl"))) for r in read_records(name)
+    ]
+    score = lambda record: record["metadata"][QUALITY_SCORE]  # noqa: E731
+    scores = np.array([score(r) for r in [*kept, *removed]])
+    shown = (
+        lambda records: [  # noqa: E731
+            {"score": round(score(r), 3), "text": example_text(r["text"])}
+            for r in records[: args.report_examples]
+        ]
+    )
+    return {
+        "model": args.quality_model,
+        "revision": args.quality_model_revision,
+        "threshold": args.quality_threshold,
+        "scored": len(scores),
+        "removed": len(removed),
+        "mean": round(float(scores.mean()), 3),
+        "quantiles": {f"p{q}": round(float(np.percentile(scores, q)), 3) for q in (10, 50, 90)},
+        "histogram": score_histogram(scores, args.quality_threshold),
+        "removed_just_below": shown(sorted(removed, key=score, reverse=True)),
+        "kept_just_above": shown(sorted(kept, key=score)),
+    }
+
+
+_WIDTHS = [m * 10.0**k for k in range(-3, 7) for m in (1, 2, 5)]
+
+
+def score_histogram(scores: np.ndarray, threshold: float, max_bins: int = 20) -> dict[str, int]:
+    """Documents per score bin: bins of a round width, at most `max_bins`, one edge on the threshold
+    (the bins under it hold what it removed)."""
+    spread = float(scores.max() - scores.min())
+    width = next((w for w in _WIDTHS if spread / w <= max_bins - 2), _WIDTHS[-1])
+    first = threshold - width * math.ceil((threshold - float(scores.min())) / width)
+    counts = np.bincount(np.floor((scores - first) / width).astype(int))
+    edge = lambda i: round(first + i * width, 6)  # noqa: E731
+    return {f"[{edge(i):g}, {edge(i + 1):g})": int(count) for i, count in enumerate(counts)}
 
 
 def _bytes(work: str, folder: str) -> int:
@@ -161,6 +219,8 @@ def _step_of(run: str, block: str) -> str:
         return "intermediate_io"
     if run.startswith("minhash") or "MinHash" in block or "minhash" in block.lower():
         return "near_dedup"
+    if block.endswith(QualityFilter.name):
+        return "quality_score"
     if "FORMAT" in block:
         return "clean"
     if "FILTER" in block:

@@ -5,7 +5,7 @@ Seven datatrove runs, each resumable per task (`skip_completed`: a rerun skips t
 file exists), under <output_dir>/datatrove/<fingerprint>/:
 
     1 filter            readers -> clean + PII -> length, Gopher quality, Gopher repetition, [C4],
-                        [FineWeb], blocklist -> filtered/ ; exact-dedup signatures
+                        [FineWeb], blocklist, [quality model] -> filtered/ ; exact-dedup signatures
     2 exact_find        exact duplicates across all tasks (1 task)
     3 exact_filter      filtered/ -> exact-dedup filter -> n-gram decontamination -> deduped/
     4 minhash_signature deduped/ -> MinHash signatures
@@ -50,6 +50,7 @@ from trellis.data.datatrove_blocks import (
     BlocklistFilter,
     CountedPII,
     LengthFilter,
+    QualityFilter,
     RankFile,
     TrellisClean,
     VerifiedPairs,
@@ -57,6 +58,7 @@ from trellis.data.datatrove_blocks import (
     decont_config,
     exact_key,
     minhash_config,
+    quality_model_config,
     with_changes,
     write_decontamination_index,
 )
@@ -187,6 +189,8 @@ def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, lis
         filters.append(FineWebQualityFilter(exclusion_writer=_removed(work, "fineweb"), language=words))
     if args.blocklist_filter:
         filters.append(BlocklistFilter(args, _removed(work, "blocklist")))
+    if args.quality_model:  # last: the model costs the most per document, so it sees only what the rules kept
+        filters.append(QualityFilter(args, _threads_per_task(args.executor_spec), _removed(work, "quality")))
     formatters: list[PipelineStep] = [TrellisClean(args)] + ([CountedPII()] if args.redact_pii else [])
     docs = lambda folder: RankFile(path(folder))  # noqa: E731
     # uncompressed: gzip cost as much as a filter, for files read once more on the same disk
@@ -255,6 +259,14 @@ def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, lis
     return runs
 
 
+def _threads_per_task(spec: ExecutorSpec) -> int:
+    """Torch threads of a scoring task: its cores (Slurm, Ray), or this machine's shared among the
+    local processes running at once."""
+    if spec.kind != "local":
+        return spec.cpus_per_task
+    return max(1, (os.cpu_count() or 1) // min(spec.tasks, spec.workers or spec.tasks))
+
+
 def executors(spec: ExecutorSpec, runs: list[tuple[str, list, int]], work: str) -> list:
     """One datatrove executor per run; on Slurm each depends on the previous (afterok), elsewhere they
     run one after the other from here, so an empty result stops the stage with its reasons."""
@@ -314,6 +326,8 @@ def run_datatrove(args: DataArguments, work: str, wall: dict[str, float] | None 
     """Run (local, Ray) or submit (Slurm) the seven runs; True when their output is ready here (on Slurm:
     when a rerun finds every task complete)."""
     wall = {} if wall is None else wall
+    if args.quality_model:  # a wrong model fails here, not in every task after the filters ran
+        quality_model_config(args.quality_model, args.quality_model_revision, args.quality_trust_remote_code)
     index = os.path.join(work, "decont_index")
     if args.decontamination_datasets and not os.path.exists(os.path.join(index, "eval.index.hashes")):
         write_decontamination_index(args, index)
