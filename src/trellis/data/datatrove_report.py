@@ -137,14 +137,14 @@ def quality_details(args: DataArguments, work: str, removed: list[dict]) -> dict
     kept = [
         r for name in sorted(glob.glob(os.path.join(work, "filtered", "*.jsonl"))) for r in read_records(name)
     ]
-    score = lambda record: record["metadata"][QUALITY_SCORE]  # noqa: E731
-    scores = np.array([score(r) for r in [*kept, *removed]])
-    shown = (
-        lambda records: [  # noqa: E731
-            {"score": round(score(r), 3), "text": example_text(r["text"])}
+    scores = np.array([_score(r) for r in [*kept, *removed]])
+
+    def shown(records: list[dict]) -> list[dict]:
+        return [
+            {"score": round(_score(r), 3), "text": example_text(r["text"])}
             for r in records[: args.report_examples]
         ]
-    )
+
     return {
         "model": args.quality_model,
         "revision": args.quality_model_revision,
@@ -154,9 +154,13 @@ def quality_details(args: DataArguments, work: str, removed: list[dict]) -> dict
         "mean": round(float(scores.mean()), 3),
         "quantiles": {f"p{q}": round(float(np.percentile(scores, q)), 3) for q in (10, 50, 90)},
         "histogram": score_histogram(scores, args.quality_threshold),
-        "removed_just_below": shown(sorted(removed, key=score, reverse=True)),
-        "kept_just_above": shown(sorted(kept, key=score)),
+        "removed_just_below": shown(sorted(removed, key=_score, reverse=True)),
+        "kept_just_above": shown(sorted(kept, key=_score)),
     }
+
+
+def _score(record: dict) -> float:
+    return record["metadata"][QUALITY_SCORE]
 
 
 _WIDTHS = [m * 10.0**k for k in range(-3, 7) for m in (1, 2, 5)]
