@@ -50,10 +50,11 @@ def _tokenizer(texts: list[str]):
     from transformers import PreTrainedTokenizerFast
 
     words = sorted({word for text in texts for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
-    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", *words])}
+    vocab = {token: index for index, token in enumerate(["</s>", "[UNK]", *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    # like a Llama tokenizer: an end-of-text token and no padding token (the stage must pad with EOS)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="[UNK]")
 
 
 def _tiny_config(tokenizer, num_labels: int = 1):
@@ -67,7 +68,7 @@ def _tiny_config(tokenizer, num_labels: int = 1):
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=None,
         num_labels=num_labels,
     )
 
@@ -75,7 +76,7 @@ def _tiny_config(tokenizer, num_labels: int = 1):
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, seed) -> Path:
     """A Llama regression head (one logit, like the FineWeb-Edu classifier) trained for 60 steps to score
-    good documents 5 and junk 0, saved with save_pretrained (safetensors)."""
+    good documents 5 and junk 0, saved with save_pretrained (safetensors), without a padding token."""
     import torch
     from transformers import LlamaForSequenceClassification
 
@@ -85,6 +86,7 @@ def classifier(tmp_path_factory, seed) -> Path:
     tokenizer = _tokenizer(texts)
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(_tiny_config(tokenizer))
+    tokenizer.pad_token, model.config.pad_token_id = tokenizer.eos_token, tokenizer.eos_token_id  # to train
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):
         batch = torch.randint(len(texts), (16,)).tolist()
@@ -95,6 +97,7 @@ def classifier(tmp_path_factory, seed) -> Path:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    tokenizer.pad_token, model.config.pad_token_id = None, None  # saved without, as Llama models are
     folder = tmp_path_factory.mktemp("classifier")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

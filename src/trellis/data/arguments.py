@@ -301,7 +301,10 @@ class DataArguments:
     )
     quality_batch_size: int = field(default=32, metadata=_help("Documents scored at once."))
     quality_max_length: int = field(
-        default=512, metadata=_help("Tokens of a document the model reads (the rest is truncated).")
+        default=512,
+        metadata=_help(
+            "Tokens of a document the model reads (the rest is truncated; at most the model's own limit)."
+        ),
     )
     quality_trust_remote_code: bool = field(
         default=False,

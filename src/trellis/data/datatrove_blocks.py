@@ -149,11 +149,8 @@ class QualityFilter(BaseFilter):
         super().__init__(exclusion_writer, batch_size=args.quality_batch_size)
         self.model_name, self.revision = args.quality_model, args.quality_model_revision
         self.trust_remote_code = args.quality_trust_remote_code
-        self.threshold, self.max_length, self.threads = (
-            args.quality_threshold,
-            args.quality_max_length,
-            threads,
-        )
+        self.threshold, self.max_length = args.quality_threshold, args.quality_max_length
+        self.threads = threads
         self._loaded = None
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
@@ -169,7 +166,7 @@ class QualityFilter(BaseFilter):
         inputs = tokenizer(
             [doc.text for doc in batch],
             truncation=True,
-            max_length=self.max_length,
+            max_length=min(self.max_length, tokenizer.model_max_length),  # past it, positions run out
             padding=True,
             return_tensors="pt",
         ).to(model.device)
