@@ -297,7 +297,10 @@ class DataArguments:
     )
     quality_model_revision: str | None = field(default=None, metadata=_help("Hub revision of quality_model."))
     quality_threshold: float = field(
-        default=3.0, metadata=_help("Documents scoring below this are removed (FineWeb-Edu used 3).")
+        default=3.0,
+        metadata=_help(
+            "Documents scoring below this are removed (3: the FineWeb-Edu classifier card's cut)."
+        ),
     )
     quality_batch_size: int = field(default=32, metadata=_help("Documents scored at once."))
     quality_max_length: int = field(
