@@ -141,122 +141,134 @@ def _materialize(source: DatasetSource, args: DataArguments, folder: str) -> str
     return folder
 
 
-def _removed(work: str, step: str) -> JsonlWriter:
-    return JsonlWriter(os.path.join(work, "removed", step), output_filename="${rank}.jsonl", compression=None)
+Run = tuple[str, list[PipelineStep], int]  # (name, pipeline, tasks)
+
+_EXACT = ExactDedupConfig(content_getter=exact_key)
 
 
-def pipelines(args: DataArguments, work: str, index: str) -> list[tuple[str, list, int]]:
-    """(name, pipeline, tasks) of the seven runs (kept in one piece: it is the table of the module's
-    docstring, block by block)."""
+def pipelines(args: DataArguments, work: str, index: str) -> list[Run]:
+    """The seven runs, as in the module docstring's table (those the recipe turns off left out)."""
     tasks = args.executor_spec.tasks
-    words = WhitespaceWords()
-    exact = ExactDedupConfig(content_getter=exact_key)
-    minhash = minhash_config(args)
-    path = lambda *parts: os.path.join(work, *parts)  # noqa: E731
-    filters: list[PipelineStep] = [LengthFilter(args, _removed(work, "length"))]
-    if args.gopher_quality:
-        filters.append(
-            GopherQualityFilter(
-                min_doc_words=None,
-                max_doc_words=None,
-                min_avg_word_length=args.min_mean_word_length,
-                max_avg_word_length=args.max_mean_word_length,
-                max_symbol_word_ratio=args.max_symbol_word_ratio,
-                max_bullet_lines_ratio=args.max_bullet_line_fraction,
-                max_ellipsis_lines_ratio=args.max_ellipsis_line_fraction,
-                max_non_alpha_words_ratio=args.min_alpha_word_fraction,
-                min_stop_words=args.min_stop_words,
-                exclusion_writer=_removed(work, "gopher"),
-                language=words,
-            )
-        )
-    if args.repetition_filter:
-        filters.append(
-            GopherRepetitionFilter(
-                dup_line_frac=args.max_duplicate_line_fraction,
-                dup_line_char_frac=args.max_duplicate_line_fraction,
-                dup_para_frac=args.max_duplicate_paragraph_fraction,
-                dup_para_char_frac=args.max_duplicate_paragraph_fraction,
-                top_n_grams=tuple(sorted(args.max_top_ngram_fraction.items())),
-                dup_n_grams=tuple(sorted(args.max_duplicate_ngram_fraction.items())),
-                exclusion_writer=_removed(work, "repetition"),
-                language=words,
-            )
-        )
-    if args.c4_quality:
-        filters.append(C4QualityFilter(exclusion_writer=_removed(work, "c4"), language=words))
-    if args.fineweb_quality:
-        filters.append(FineWebQualityFilter(exclusion_writer=_removed(work, "fineweb"), language=words))
-    if args.blocklist_filter:
-        filters.append(BlocklistFilter(args, _removed(work, "blocklist")))
-    if args.quality_model:  # last: the model costs the most per document, so it sees only what the rules kept
-        filters.append(QualityFilter(args, _threads_per_task(args.executor_spec), _removed(work, "quality")))
-    formatters: list[PipelineStep] = [TrellisClean(args)] + ([CountedPII()] if args.redact_pii else [])
-    docs = lambda folder: RankFile(path(folder))  # noqa: E731
-    # uncompressed: gzip cost as much as a filter, for files read once more on the same disk
-    write = lambda folder: JsonlWriter(path(folder), output_filename="${rank}.jsonl", compression=None)  # noqa: E731
-    filter_steps = [*readers(args, work), *formatters, *filters, write("filtered")]
-    exact_steps: list[PipelineStep] = [docs("filtered")]
+    runs = [("filter", filter_run(args, work), tasks)]
     if args.exact_dedup:
-        filter_steps.append(ExactDedupSignature(path("exact_sigs"), config=exact))
-        exact_steps.append(ExactDedupFilter(path("exact_dups"), config=exact))
-    if args.decontamination_datasets:
-        exact_steps.append(
-            NGramsDecontFilter(index, decont_config(args), _removed(work, "decontaminate"), words)
-        )
-    exact_steps.append(write("deduped"))
-    runs: list[tuple[str, list, int]] = [("filter", filter_steps, tasks)]
-    if args.exact_dedup:
-        runs.append(
-            ("exact_find", [ExactFindDedups(path("exact_sigs"), path("exact_dups"), config=exact)], 1)
-        )
-    runs.append(("exact_filter", exact_steps, tasks))
+        find = ExactFindDedups(_at(work, "exact_sigs"), _at(work, "exact_dups"), config=_EXACT)
+        runs.append(("exact_find", [find], 1))
+    runs.append(("exact_filter", exact_filter_run(args, work, index), tasks))
     if args.near_dedup:
-        runs += [
-            (  # a run of its own: the block's timer spans its input, which is then only a reader
-                "minhash_signature",
-                [
-                    docs("deduped"),
-                    MinhashDedupSignature(path("minhash_sigs"), config=minhash, language=words),
-                ],
-                tasks,
-            ),
-            (
-                "minhash_buckets",
-                [MinhashDedupBuckets(path("minhash_sigs"), path("minhash_candidates"), config=minhash)],
-                minhash.num_buckets,
-            ),
-            (
-                "minhash_cluster",
-                [
-                    VerifiedPairs(
-                        path("minhash_candidates"),
-                        path("minhash_pairs"),
-                        path("deduped"),
-                        args.minhash_threshold,
-                        args.minhash_ngram,
-                    ),
-                    MinhashDedupCluster(
-                        path("minhash_pairs"), path("minhash_remove"), config=minhash, save_cluster_id=True
-                    ),
-                ],
-                1,
-            ),
-            (
-                "minhash_filter",
-                [
-                    docs("deduped"),
-                    MinhashDedupFilter(
-                        path("minhash_remove"),
-                        exclusion_writer=_removed(work, "near_dedup"),
-                        load_cluster_ids=True,
-                    ),
-                    write("final"),
-                ],
-                tasks,
-            ),
-        ]
+        runs += minhash_runs(args, work)
     return runs
+
+
+def filter_run(args: DataArguments, work: str) -> list[PipelineStep]:
+    """Run 1: readers -> clean [+ PII] -> filters -> filtered/, [+ the exact-dedup signatures]."""
+    pii = [CountedPII()] if args.redact_pii else []
+    steps = [*readers(args, work), TrellisClean(args), *pii, *filters(args, work), _written(work, "filtered")]
+    if args.exact_dedup:
+        steps.append(ExactDedupSignature(_at(work, "exact_sigs"), config=_EXACT))
+    return steps
+
+
+def filters(args: DataArguments, work: str) -> list[PipelineStep]:
+    """The recipe's filters, each writing what it removes to removed/<its step>/."""
+    words = WhitespaceWords()
+    steps: list[PipelineStep] = [LengthFilter(args, _removed(work, "length"))]
+    if args.gopher_quality:
+        steps.append(gopher_quality(args, _removed(work, "gopher"), words))
+    if args.repetition_filter:
+        steps.append(gopher_repetition(args, _removed(work, "repetition"), words))
+    if args.c4_quality:
+        steps.append(C4QualityFilter(exclusion_writer=_removed(work, "c4"), language=words))
+    if args.fineweb_quality:
+        steps.append(FineWebQualityFilter(exclusion_writer=_removed(work, "fineweb"), language=words))
+    if args.blocklist_filter:
+        steps.append(BlocklistFilter(args, _removed(work, "blocklist")))
+    if args.quality_model:  # last: the model costs the most per document, so it sees only what the rules kept
+        steps.append(QualityFilter(args, _threads_per_task(args.executor_spec), _removed(work, "quality")))
+    return steps
+
+
+def gopher_quality(args: DataArguments, removed: JsonlWriter, words: WhitespaceWords) -> GopherQualityFilter:
+    """datatrove's Gopher quality rules with the recipe's thresholds (length is LengthFilter's)."""
+    return GopherQualityFilter(
+        min_doc_words=None,
+        max_doc_words=None,
+        min_avg_word_length=args.min_mean_word_length,
+        max_avg_word_length=args.max_mean_word_length,
+        max_symbol_word_ratio=args.max_symbol_word_ratio,
+        max_bullet_lines_ratio=args.max_bullet_line_fraction,
+        max_ellipsis_lines_ratio=args.max_ellipsis_line_fraction,
+        max_non_alpha_words_ratio=args.min_alpha_word_fraction,
+        min_stop_words=args.min_stop_words,
+        exclusion_writer=removed,
+        language=words,
+    )
+
+
+def gopher_repetition(
+    args: DataArguments, removed: JsonlWriter, words: WhitespaceWords
+) -> GopherRepetitionFilter:
+    """datatrove's Gopher repetition rules with the recipe's thresholds (one fraction bounds both the
+    lines' and their characters' share)."""
+    return GopherRepetitionFilter(
+        dup_line_frac=args.max_duplicate_line_fraction,
+        dup_line_char_frac=args.max_duplicate_line_fraction,
+        dup_para_frac=args.max_duplicate_paragraph_fraction,
+        dup_para_char_frac=args.max_duplicate_paragraph_fraction,
+        top_n_grams=tuple(sorted(args.max_top_ngram_fraction.items())),
+        dup_n_grams=tuple(sorted(args.max_duplicate_ngram_fraction.items())),
+        exclusion_writer=removed,
+        language=words,
+    )
+
+
+def exact_filter_run(args: DataArguments, work: str, index: str) -> list[PipelineStep]:
+    """Run 3: filtered/ -> [exact-dedup filter] -> [n-gram decontamination] -> deduped/."""
+    steps: list[PipelineStep] = [_documents(work, "filtered")]
+    if args.exact_dedup:
+        steps.append(ExactDedupFilter(_at(work, "exact_dups"), config=_EXACT))
+    if args.decontamination_datasets:
+        removed = _removed(work, "decontaminate")
+        steps.append(NGramsDecontFilter(index, decont_config(args), removed, WhitespaceWords()))
+    return [*steps, _written(work, "deduped")]
+
+
+def minhash_runs(args: DataArguments, work: str) -> list[Run]:
+    """Runs 4-7: deduped/ -> signatures -> LSH candidate pairs -> pairs verified, then clustered ->
+    MinHash filter -> final/."""
+    tasks, minhash = args.executor_spec.tasks, minhash_config(args)
+    sigs, candidates = _at(work, "minhash_sigs"), _at(work, "minhash_candidates")
+    pairs, remove = _at(work, "minhash_pairs"), _at(work, "minhash_remove")
+    signature = MinhashDedupSignature(sigs, config=minhash, language=WhitespaceWords())
+    verify = VerifiedPairs(
+        candidates, pairs, _at(work, "deduped"), args.minhash_threshold, args.minhash_ngram
+    )
+    cluster = MinhashDedupCluster(pairs, remove, config=minhash, save_cluster_id=True)
+    near = MinhashDedupFilter(remove, exclusion_writer=_removed(work, "near_dedup"), load_cluster_ids=True)
+    return [
+        # a run of its own: the block's timer spans its input, which is then only a reader
+        ("minhash_signature", [_documents(work, "deduped"), signature], tasks),
+        ("minhash_buckets", [MinhashDedupBuckets(sigs, candidates, config=minhash)], minhash.num_buckets),
+        ("minhash_cluster", [verify, cluster], 1),
+        ("minhash_filter", [_documents(work, "deduped"), near, _written(work, "final")], tasks),
+    ]
+
+
+def _at(work: str, folder: str) -> str:
+    return os.path.join(work, folder)
+
+
+def _documents(work: str, folder: str) -> RankFile:
+    """What each task wrote to `folder` in an earlier run, read by the same task."""
+    return RankFile(_at(work, folder))
+
+
+def _written(work: str, folder: str) -> JsonlWriter:
+    # uncompressed: gzip cost as much as a filter, for files read once more on the same disk
+    return JsonlWriter(_at(work, folder), output_filename="${rank}.jsonl", compression=None)
+
+
+def _removed(work: str, step: str) -> JsonlWriter:
+    return _written(work, os.path.join("removed", step))
 
 
 def _threads_per_task(spec: ExecutorSpec) -> int:
@@ -267,7 +279,7 @@ def _threads_per_task(spec: ExecutorSpec) -> int:
     return max(1, (os.cpu_count() or 1) // min(spec.tasks, spec.workers or spec.tasks))
 
 
-def executors(spec: ExecutorSpec, runs: list[tuple[str, list, int]], work: str) -> list:
+def executors(spec: ExecutorSpec, runs: list[Run], work: str) -> list:
     """One datatrove executor per run; on Slurm each depends on the previous (afterok), elsewhere they
     run one after the other from here, so an empty result stops the stage with its reasons."""
     made: list = []
@@ -374,7 +386,7 @@ def prepare(args: DataArguments, fingerprint: str, record):
     return report
 
 
-def _finished(work: str, runs: list[tuple[str, list, int]]) -> bool:
+def _finished(work: str, runs: list[Run]) -> bool:
     """Every task of every run has its completion file (on Slurm: the jobs are done)."""
     for name, _, tasks in runs:
         folder = os.path.join(work, "logs", name, "completions")
