@@ -9,6 +9,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,69 +53,8 @@ def report_steps(args: DataArguments, work: str, report, wall: dict[str, float])
     (one core each), wherever they ran; `wall` holds each run's wall-clock seconds.
     """
     filtered, filtered_bytes = count_documents(work, "filtered"), _bytes(work, "filtered")
-    removals = filter_removals(args, work)
-    loaded = filtered + sum(r["removed"] for r in removals.values())
-    loaded_bytes = filtered_bytes + sum(_bytes(work, f"removed/{step}") for step in _FILTER_STEPS)
-    unscored = removed_records(work, "quality")  # under the threshold
-    ruled = filtered + len(unscored)  # what the rules kept, all of it scored
-    entries = [
-        {
-            "step": "load",
-            "documents_in": 0,
-            "bytes_in": 0,
-            "documents_out": loaded,
-            "bytes_out": loaded_bytes,
-        },
-        {
-            "step": "clean",
-            "documents_in": loaded,
-            "bytes_in": loaded_bytes,
-            "documents_out": loaded,
-            "pii_redacted": _stat(work, "filter", "pii", "pii_redacted"),
-        },
-        {"step": "filter", "documents_in": loaded, "bytes_in": loaded_bytes, "documents_out": ruled},
-    ]
-    report.details["filters"] = removals
-    if args.quality_model:
-        entries.append(
-            {
-                "step": "quality_score",
-                "documents_in": ruled,
-                "bytes_in": filtered_bytes + sum(len(r["text"].encode()) for r in unscored),
-                "documents_out": filtered,
-            }
-        )
-        report.details["quality_scores"] = quality_details(args, work, unscored)
-    contaminated = removed_records(work, "decontaminate")
-    deduped, deduped_bytes = count_documents(work, "deduped"), _bytes(work, "deduped")
-    if args.exact_dedup:
-        entries.append(
-            {
-                "step": "exact_dedup",
-                "documents_in": filtered,
-                "bytes_in": filtered_bytes,
-                "documents_out": deduped + len(contaminated),
-            }
-        )
-    if args.decontamination_datasets:
-        entries.append(
-            {
-                "step": "decontaminate",
-                "documents_in": deduped + len(contaminated),
-                "bytes_in": deduped_bytes + sum(len(r["text"].encode()) for r in contaminated),
-                "documents_out": deduped,
-            }
-        )
-        report.details["decontamination"] = {
-            "removed": len(contaminated),
-            "examples": [example_text(r["text"]) for r in contaminated[: args.report_examples]],
-        }
-    if args.near_dedup:
-        final = count_documents(work, "final")
-        entries.append(
-            {"step": "near_dedup", "documents_in": deduped, "bytes_in": deduped_bytes, "documents_out": final}
-        )
-        report.details["near_duplicates"] = _near_duplicate_details(args, work)
+    entries = _filter_entries(args, work, report, filtered, filtered_bytes)
+    entries += _dedup_entries(args, work, report, filtered, filtered_bytes)
     seconds = task_seconds(work)
     for entry in entries:
         entry["seconds"] = round(seconds.get(entry["step"], 0.0), 3)
@@ -125,7 +65,61 @@ def report_steps(args: DataArguments, work: str, report, wall: dict[str, float])
         "task_seconds": {step: round(value, 3) for step, value in seconds.items()},
     }
     report.steps.extend(entries)
-    return loaded
+    return entries[0]["documents_out"]  # what `load` read
+
+
+def _filter_entries(args: DataArguments, work: str, report, filtered: int, filtered_bytes: int) -> list[dict]:
+    """The steps of run 1: load, clean, filter (the rules) and quality_score."""
+    removals = filter_removals(args, work)
+    loaded = filtered + sum(r["removed"] for r in removals.values())
+    loaded_bytes = filtered_bytes + sum(_bytes(work, f"removed/{step}") for step in _FILTER_STEPS)
+    unscored = removed_records(work, "quality")  # under the threshold
+    ruled = filtered + len(unscored)  # what the rules kept, all of it scored
+    pii = _stat(work, "filter", "pii", "pii_redacted")
+    entries = [
+        _entry("load", 0, 0, loaded, bytes_out=loaded_bytes),
+        _entry("clean", loaded, loaded_bytes, loaded, pii_redacted=pii),
+        _entry("filter", loaded, loaded_bytes, ruled),
+    ]
+    report.details["filters"] = removals
+    if args.quality_model:
+        entries.append(_entry("quality_score", ruled, filtered_bytes + _text_bytes(unscored), filtered))
+        report.details["quality_scores"] = quality_details(args, work, unscored)
+    return entries
+
+
+def _dedup_entries(args: DataArguments, work: str, report, filtered: int, filtered_bytes: int) -> list[dict]:
+    """The steps of runs 3 to 7: exact_dedup, decontaminate and near_dedup."""
+    contaminated = removed_records(work, "decontaminate")
+    deduped, deduped_bytes = count_documents(work, "deduped"), _bytes(work, "deduped")
+    entries = []
+    if args.exact_dedup:
+        entries.append(_entry("exact_dedup", filtered, filtered_bytes, deduped + len(contaminated)))
+    if args.decontamination_datasets:
+        bytes_in = deduped_bytes + _text_bytes(contaminated)
+        entries.append(_entry("decontaminate", deduped + len(contaminated), bytes_in, deduped))
+        report.details["decontamination"] = {
+            "removed": len(contaminated),
+            "examples": [example_text(r["text"]) for r in contaminated[: args.report_examples]],
+        }
+    if args.near_dedup:
+        entries.append(_entry("near_dedup", deduped, deduped_bytes, count_documents(work, "final")))
+        report.details["near_duplicates"] = _near_duplicate_details(args, work)
+    return entries
+
+
+def _entry(step: str, documents_in: int, bytes_in: int, documents_out: int, **more: int) -> dict:
+    return {
+        "step": step,
+        "documents_in": documents_in,
+        "bytes_in": bytes_in,
+        "documents_out": documents_out,
+        **more,
+    }
+
+
+def _text_bytes(records: Iterable[dict]) -> int:
+    return sum(len(r["text"].encode()) for r in records)
 
 
 _FILTER_STEPS = ("length", "gopher", "repetition", "c4", "fineweb", "blocklist", "quality")
@@ -179,7 +173,7 @@ def score_histogram(scores: np.ndarray, threshold: float, max_bins: int = 20) ->
 
 def _bytes(work: str, folder: str) -> int:
     files = glob.glob(os.path.join(work, folder, "*.jsonl"))
-    return sum(len(r["text"].encode()) for name in files for r in read_records(name))
+    return _text_bytes(r for name in files for r in read_records(name))
 
 
 # Blocks whose timer spans the whole run (they iterate their input, and yield, inside it).
