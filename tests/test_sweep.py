@@ -131,7 +131,16 @@ def test_sweep_table_holds_each_seeds_recorded_metrics(sweep):
     for (checkpoint, metric), row in evaluation.items():
         for seed in SEEDS:
             assert row["values"][str(seed)] == records[seed]["eval"]["metrics"][checkpoint][metric]
+    # The change from the baseline (the untrained model), paired seed by seed.
+    change = next(row for row in table["changes"] if row["metric"] == "tiny_corpus.perplexity")
+    assert change["checkpoint"] == "pretrain" and table["baselines"] == {"eval": "base"}
+    for seed in SEEDS:
+        values = records[seed]["eval"]["metrics"]
+        assert change["values"][str(seed)] == pytest.approx(
+            values["pretrain"]["tiny_corpus.perplexity"] - values["base"]["tiny_corpus.perplexity"]
+        )
     text = (sweep / "seeds" / "sweep.md").read_text()
+    assert "Change from `base`, paired by seed: median [min, max] (median / (max - min)):" in text
     low, high = (f"{value:.4g}" for value in after)
     assert "| pretrain | eval_loss |" in text and f"[{low}, {high}] | 2/2 seeds |" in text
     assert "| tiny_corpus.perplexity |" in text and "Machine: " in text and "on 1 thread (" in text

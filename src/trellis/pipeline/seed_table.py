@@ -34,6 +34,8 @@ def collect(path: str, output_dir: str, seeds: list[int]) -> dict:
     """Per seed, every stage's target metric and every evaluation-table value, read from the run records."""
     targets: dict[tuple, dict] = {}
     evaluation: dict[tuple, dict] = {}
+    changes: dict[tuple, dict] = {}  # (stage, metric, checkpoint): per seed, the change from the baseline
+    baselines: dict[str, str] = {}
     machines = []  # (machine, packages) of every record
     for seed in seeds:
         state_path = Path(seed_dir(output_dir, seed)) / PIPELINE_RUN
@@ -52,10 +54,14 @@ def collect(path: str, output_dir: str, seeds: list[int]) -> dict:
             results = Path(entry["output_dir"]) / RESULTS_JSON
             if entry.get("stage") == "eval" and results.exists():
                 table = json.loads(results.read_text())
+                baselines[name] = table["baseline"]
                 for metric, values in table["metrics"].items():
                     for checkpoint, value in values.items():
                         if value is not None:
                             evaluation.setdefault((name, metric, checkpoint), {})[str(seed)] = value
+                    for checkpoint, delta in table["delta_vs_baseline"][metric].items():
+                        if delta is not None:
+                            changes.setdefault((name, metric, checkpoint), {})[str(seed)] = delta
     # Named by a stage that ran torch (its threads and kernels), if any did.
     machine, packages = next(
         (m for m in machines if "torch_threads" in m[0]), (machines or [(None, None)])[0]
@@ -86,12 +92,33 @@ def collect(path: str, output_dir: str, seeds: list[int]) -> dict:
             }
             for (stage, metric, checkpoint), values in evaluation.items()
         ],
+        "baselines": baselines,
+        "changes": [
+            {
+                "stage": stage,
+                "metric": metric,
+                "checkpoint": checkpoint,
+                "values": values,
+                "summary": _summary(values),
+            }
+            for (stage, metric, checkpoint), values in changes.items()
+        ],
     }
 
 
 def _summary(values: dict[str, float]) -> dict[str, float]:
     numbers = list(values.values())
     return {"median": statistics.median(numbers), "min": min(numbers), "max": max(numbers), "n": len(numbers)}
+
+
+def effect_to_spread(values: dict[str, float]) -> str:
+    """The median change over its spread between seeds (max - min): how far a change stands out of the
+    noise ('3.2x'); '-' for one seed, 'inf' when every seed agrees exactly."""
+    summary = _summary(values)
+    width = summary["max"] - summary["min"]
+    if summary["n"] == 1:
+        return "-"
+    return f"{summary['median'] / width:.1f}x" if width else ("inf" if summary["median"] else "0")
 
 
 def spread(values: dict[str, float]) -> str:
@@ -136,7 +163,31 @@ def markdown(sweep: dict, heading: str = "#") -> str:
             markdown_table(["metric", *checkpoints], table),
             "",
         ]
+        lines += _change_table(stage, sweep)
     return "\n".join(lines)
+
+
+def _change_table(stage: str, sweep: dict) -> list[str]:
+    """Each checkpoint's change from the baseline, paired seed by seed: median [min, max], and the median
+    over the spread (a change that holds on another machine stands several spreads clear of zero)."""
+    rows = [row for row in sweep.get("changes", []) if row["stage"] == stage]
+    if not rows or len(sweep["seeds"]) < 2:
+        return []
+    checkpoints = list(dict.fromkeys(row["checkpoint"] for row in rows))
+    cells = {
+        (row["metric"], row["checkpoint"]): f"{spread(row['values'])} ({effect_to_spread(row['values'])})"
+        for row in rows
+    }
+    table = [
+        [metric, *(cells.get((metric, c), "-") for c in checkpoints)]
+        for metric in dict.fromkeys(row["metric"] for row in rows)
+    ]
+    return [
+        f"Change from `{sweep['baselines'][stage]}`, paired by seed: median [min, max] (median / (max - min)):",
+        "",
+        markdown_table(["metric", *checkpoints], table),
+        "",
+    ]
 
 
 def write_sweep(output_dir: str, sweep: dict) -> None:
