@@ -5,7 +5,8 @@
 Reads the recipe strictly, checks task names (suggesting the closest), task data and checkpoint
 paths before any model loads, evaluates each checkpoint (skipping those already evaluated with the
 same weights and settings), writes results.json, results.md and a bar chart per metric, checks the
-gates on the candidate (a failed gate exits non-zero) and writes its model card. Under `accelerate
+gates on the candidate (a failed gate exits non-zero; with `select_from`, the candidate is the best of those
+checkpoints that pass them) and writes its model card. Under `accelerate
 launch` with several processes, lm-eval shards the examples of path checkpoints over them.
 """
 
@@ -22,7 +23,7 @@ def main() -> None:
 
     from trellis.core.run_record import RunRecord
     from trellis.evaluate import comparison, evaluation
-    from trellis.evaluate.gates import check_gates
+    from trellis.evaluate.gates import check_gates, select_candidate
     from trellis.train.run import setup_logging
 
     state = PartialState()
@@ -31,7 +32,6 @@ def main() -> None:
     evaluation.check_tasks(args, manager)
     evaluation.check_checkpoints(args)
     baseline = args.baseline or args.checkpoints[0].name
-    candidate = args.candidate or args.checkpoints[-1].name
 
     with RunRecord("eval", args.output_dir, {"eval": args}, state.is_main_process) as record:
         per_checkpoint = {}
@@ -50,6 +50,11 @@ def main() -> None:
         if not state.is_main_process:
             return
 
+        candidate = args.candidate or args.checkpoints[-1].name
+        if args.select_from:
+            candidate, values = select_candidate(args.gates, per_checkpoint, args.select_from, args.select_by)
+            record.data["selection"] = {"by": args.select_by, "values": values, "chosen": candidate}
+            evaluation.logger.info("Candidate by %s among %s: %s", args.select_by, values, candidate)
         result = comparison.comparison(per_checkpoint, baseline, candidate)
         comparison.write_comparison(args.output_dir, result)
         candidate_metrics = per_checkpoint[candidate]["metrics"]

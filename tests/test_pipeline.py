@@ -48,14 +48,14 @@ stages:
       checkpoints:
         - {name: base, model_config: recipes/tiny/model.json, tokenizer_name_or_path: "${stages.data.output_dir}/tokenizer"}
         - {name: pretrain, path: "${stages.pretrain.output_dir}"}
-      candidate: pretrain
+      select_from: [base, pretrain]          # the candidate: the lower perplexity (its direction)
+      select_by: tiny_corpus.perplexity
       tasks: []
       perplexity: [{label: tiny_corpus, path: data/tiny/corpus/validation.jsonl, max_length: 128, stride: 64, limit: LIMIT}]
       gates: []
   - name: publish
     stage: publish
-    model: ${stages.pretrain.output_dir}
-    eval: ${stages.eval.output_dir}
+    eval: ${stages.eval.output_dir}           # no model: the evaluation's candidate
     repo_id: someone/tiny-short
     private: false
     revision: experiment
@@ -298,6 +298,9 @@ def test_publish_sends_model_card_with_results_and_lineage(workdir, short_run, m
     card = commit["files"].pop("README.md").decode()
     results = json.loads((out / "eval" / "results.json").read_text())
     perplexity = results["metrics"]["tiny_corpus.perplexity"]["pretrain"]
+    selection = read_record(str(out / "eval"))["selection"]
+    assert selection["chosen"] == results["candidate"] == "pretrain"
+    assert selection["values"]["base"] > 10 * selection["values"]["pretrain"] == 10 * perplexity
     stages = stage_entries(workdir)
     for expected in (
         "model-index",

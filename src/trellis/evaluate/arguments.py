@@ -78,7 +78,20 @@ class EvalArguments:
         default=None,
         metadata={
             "help": "Checkpoint to publish: the gates apply to it and its results go into the model card "
-            "(default: the last)."
+            "(default: the last; with 'select_from', chosen after the evaluation)."
+        },
+    )
+    select_from: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Checkpoints to choose the candidate from, after the evaluation: of those that pass every "
+            "gate, the best by 'select_by'."
+        },
+    )
+    select_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "The metric that ranks 'select_from', e.g. 'tiny_qa_clean.acc' (its own direction)."
         },
     )
     tasks: list[str] = field(
@@ -189,14 +202,24 @@ class EvalArguments:
                 problems.append(
                     Problem(f"{where}.model_config", f"no such config file: {checkpoint.model_config!r}")
                 )
-        for key in ("baseline", "candidate"):
-            value = getattr(self, key)
+        named = [("baseline", self.baseline), ("candidate", self.candidate)]
+        named += [(f"select_from[{i}]", value) for i, value in enumerate(self.select_from)]
+        for key, value in named:
             if value is not None and value not in names:
                 problems.append(
                     Problem(
                         key, f"{value!r} is not a checkpoint name{did_you_mean(value, names)}; names: {names}"
                     )
                 )
+        if self.select_from and self.candidate is not None:
+            problems.append(Problem("candidate", "set 'candidate' or 'select_from', not both"))
+        if bool(self.select_from) != bool(self.select_by):
+            problems.append(
+                Problem(
+                    "select_by" if self.select_from else "select_from",
+                    "'select_from' and 'select_by' go together",
+                )
+            )
         return problems
 
     def _measurement_problems(self) -> list[Problem]:

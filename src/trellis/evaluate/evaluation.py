@@ -111,7 +111,17 @@ def fingerprint(args: EvalArguments, checkpoint: Checkpoint) -> str:
     settings = {
         key: value
         for key, value in dataclasses.asdict(args).items()
-        if key not in ("output_dir", "checkpoints", "baseline", "candidate", "gates", "model_card")
+        if key
+        not in (
+            "output_dir",
+            "checkpoints",
+            "baseline",
+            "candidate",
+            "select_from",
+            "select_by",
+            "gates",
+            "model_card",
+        )
     }
     state = {"checkpoint": dataclasses.asdict(checkpoint), "settings": settings, "files": {}}
     files = []

@@ -48,6 +48,37 @@ def parse_gate(text: str) -> Gate:
 
 def check_gates(gates: list[str], metrics: dict[str, float], checkpoint: str) -> list[str]:
     """Lines saying how each gate went; raises GateError naming every failed gate."""
+    lines, failed = gate_results(gates, metrics, checkpoint)
+    if failed:
+        raise GateError(
+            f"checkpoint {checkpoint!r} failed {len(failed)} gate(s): " + "; ".join(failed) + ". "
+            "It should not be published; improve the model or, if the bar is wrong, edit 'gates' in the recipe."
+        )
+    return lines
+
+
+def select_candidate(
+    gates: list[str], per_checkpoint: dict[str, dict], names: list[str], metric: str
+) -> tuple[str, dict[str, float]]:
+    """Of the checkpoints `names`, the one with the best `metric` among those that pass every gate (when
+    none does, among all: its gates then fail as a fixed candidate's would), ties to the first listed;
+    and every listed checkpoint's value of `metric`."""
+    values = {}
+    for name in names:
+        metrics = per_checkpoint[name]["metrics"]
+        if metric not in metrics:
+            raise GateError(
+                f"select_by: no metric {metric!r} in the results of {name!r}; "
+                f"available: {', '.join(sorted(metrics))}"
+            )
+        values[name] = metrics[metric]
+    passing = [name for name in names if not gate_results(gates, per_checkpoint[name]["metrics"], name)[1]]
+    higher = per_checkpoint[names[0]].get("higher_is_better", {}).get(metric, True)
+    return max(passing or names, key=lambda name: values[name] if higher else -values[name]), values
+
+
+def gate_results(gates: list[str], metrics: dict[str, float], checkpoint: str) -> tuple[list[str], list[str]]:
+    """(a line per gate saying how it went, the failed ones); raises GateError for an unknown metric."""
     lines, failed = [], []
     for gate in map(parse_gate, gates):
         if gate.metric not in metrics:
@@ -62,9 +93,4 @@ def check_gates(gates: list[str], metrics: dict[str, float], checkpoint: str) ->
         lines.append(f"{'pass' if ok else 'FAIL'} {gate} ({checkpoint}: {value:.4g})")
         if not ok:
             failed.append(f"{gate.metric} = {value:.4g}, required {gate.op} {gate.threshold:g}")
-    if failed:
-        raise GateError(
-            f"checkpoint {checkpoint!r} failed {len(failed)} gate(s): " + "; ".join(failed) + ". "
-            "It should not be published; improve the model or, if the bar is wrong, edit 'gates' in the recipe."
-        )
-    return lines
+    return lines, failed

@@ -66,6 +66,20 @@ def eval_results(folder: str, eval_dir: str | None, pipeline: Pipeline) -> tuple
     return None
 
 
+def evaluation_candidate(eval_dir: str, pipeline: Pipeline) -> str:
+    """The model directory an evaluation stage chose as its candidate (its `candidate`, or the best of its
+    `select_from` by the gates), read from its results after it ran."""
+    path = Path(eval_dir) / RESULTS_JSON
+    if not path.exists():
+        raise TrellisError(f"{path} does not exist: run the evaluation stage before publishing its candidate")
+    candidate = json.loads(path.read_text())["candidate"]
+    recipe = next((s.resolved for s in pipeline.stages if s.output_dir == eval_dir), {})
+    checkpoint = next((c for c in recipe.get("checkpoints", []) if c.get("name") == candidate), {})
+    if not checkpoint.get("path"):
+        raise TrellisError(f"{eval_dir}: the candidate {candidate!r} is not a model directory of that stage")
+    return checkpoint["path"]
+
+
 def card_for(folder: str, options: dict, pipeline: Pipeline, state: dict) -> str:
     """The model card: evaluation results (model-index), base model, data, lineage and exact recipes."""
     from huggingface_hub import ModelCardData
@@ -131,9 +145,10 @@ def _lineage(lineage: list[Stage], pipeline: Pipeline, state: dict) -> str:
 
 
 def publish_from_pipeline(stage: Stage, pipeline: Pipeline, state: dict, api: Any = None) -> dict:
-    """Publish a pipeline stage's model (a publish stage's `model`, or a stage's own output with push_to_hub)."""
+    """Publish a pipeline stage's model (a publish stage's `model`, else its evaluation's candidate; or a stage's
+    own output with push_to_hub)."""
     options = dict(stage.publish)
-    folder = str(options["model"])
+    folder = str(options.get("model") or evaluation_candidate(options["eval"], pipeline))
     record = read_record(folder)
     if not os.path.isdir(folder) or (record is not None and record.get("status") != "complete"):
         raise TrellisError(

@@ -183,7 +183,10 @@ def run_stage(
 def _running_entry(stage: Stage, pipeline: Pipeline, action: str, argv: list[str] | None) -> dict:
     """The stage's entry in pipeline_run.json as it starts: what runs, with which config and inputs."""
     publishing = (
-        f"publish {stage.publish.get('model')} -> {stage.publish.get('repo_id')}" if stage.publish else ""
+        f"publish {stage.publish.get('model') or 'the candidate of ' + stage.publish['eval']} -> "
+        f"{stage.publish.get('repo_id')}"
+        if stage.publish
+        else ""
     )
     return dict(
         stage=stage.kind,

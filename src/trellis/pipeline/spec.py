@@ -210,9 +210,10 @@ def _read_stage(
 
 
 def _read_publish(entry: _Entry, stage: Stage, pipeline_output: str) -> None:
-    for key in ("model", "repo_id"):
-        if not entry.values.get(key):
-            entry.problem(key, "required for a publish stage")
+    if not entry.values.get("repo_id"):
+        entry.problem("repo_id", "required for a publish stage")
+    if not entry.values.get("model") and not entry.values.get("eval"):
+        entry.problem("model", "required for a publish stage (or 'eval': publish the evaluation's candidate)")
     stage.publish = {
         key: entry.resolve(entry.values[key], key) for key in PUBLISH_KEYS[2:] if key in entry.values
     }
