@@ -64,19 +64,6 @@ def accuracy_and_margin(pairs: list[tuple[float, float]]) -> tuple[float, float]
     )
 
 
-def kind_of_pair(pair: dict) -> str:
-    """How the rejected answer of a tiny-default pair is worse: 'rude', 'rambling', 'hedging' (the right
-    answer, then more on a new line) or 'wrong' (a wrong fact)."""
-    from trellis.data.tiny import HEDGE, RUDE_ANSWERS
-
-    rejected = pair["rejected"][-1]["content"]
-    if rejected in RUDE_ANSWERS:
-        return "rude"
-    if "\n" in rejected:
-        return "hedging" if rejected.endswith(HEDGE) else "rambling"
-    return "wrong"
-
-
 def held_out_qa(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "data/tiny/eval/qa.jsonl").read_text().splitlines()]
 

@@ -1,8 +1,7 @@
 """The reward and DPO stages end to end on the tiny default, chained from the tiny SFT model.
 
-Two thirds of the tiny preference pairs (rude, rambling or hedging rejected answers) are decidable by
-form, which the SFT model already knows; one third (a wrong fact) is not, since an SFT model trained
-from scratch knows the answer form but not held-out facts. The bounds below are set accordingly.
+Every tiny preference pair is decidable by form (the rejected answer is rude, or the right answer followed
+by rambling or hedging), which an SFT model trained from scratch knows, though not the held-out facts.
 
 The flaw SFT leaves (it rambles or hedges after the answer to casual questions) is measured by rule on
 the held-out questions, without a reward model: `clean_form`, the share of greedy replies that are the
@@ -19,7 +18,6 @@ from alignment_metrics import (
     accuracy_and_margin,
     answer_logps,
     clean_form,
-    kind_of_pair,
     preference_pairs,
     reward_scores,
 )
@@ -35,12 +33,8 @@ def held_out_pairs(workdir: Path) -> list[dict]:
     return preference_pairs(workdir / "data/tiny/preferences/test.jsonl")
 
 
-def form_decidable(pairs: list[dict], scores: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    return [score for pair, score in zip(pairs, scores, strict=True) if kind_of_pair(pair) != "wrong"]
-
-
 @pytest.mark.slow
-def test_reward_model_ranks_held_out_pairs(workdir, sft_model, reward_model):
+def test_reward_model_ranks_held_out_pairs(workdir, sft_model, reward_model, record_property):
     record = read_record(str(reward_model))
     initial, final = record["metrics"]["initial"], record["metrics"]["eval"]
     assert (
@@ -55,12 +49,14 @@ def test_reward_model_ranks_held_out_pairs(workdir, sft_model, reward_model):
     pairs = held_out_pairs(workdir)
     scores = reward_scores(model, AutoTokenizer.from_pretrained(reward_model), pairs)
     accuracy, margin = accuracy_and_margin(scores)
+    record_property("reward_accuracy", accuracy)
+    record_property("reward_margin", margin)
+    # Measured, seeds 0-4, 1 thread: accuracy 1.0 on every seed, margin 8.06 / 8.30 / 8.45 (min / median / max).
     assert accuracy >= 0.8 and margin > 2, (accuracy, margin)  # chance is 0.5
-    assert accuracy_and_margin(form_decidable(pairs, scores))[0] >= 0.95
 
 
 @pytest.mark.slow
-def test_dpo_raises_margin_and_accuracy_over_sft(workdir, sft_model, seed, tmp_path):
+def test_dpo_raises_margin_and_accuracy_over_sft(workdir, sft_model, seed, tmp_path, record_property):
     out = tmp_path / "dpo"
     record = run_stage(workdir, "dpo", out, "--model_name_or_path", str(sft_model), "--seed", str(seed))
     initial, final = record["metrics"]["initial"], record["metrics"]["eval"]
@@ -74,12 +70,22 @@ def test_dpo_raises_margin_and_accuracy_over_sft(workdir, sft_model, seed, tmp_p
     (accuracy_before, margin_before), (accuracy_after, margin_after) = map(
         accuracy_and_margin, (before, after)
     )
+    clean_before, clean_after = clean_form(workdir, sft_model), clean_form(workdir, out)
+    for name, value in (
+        ("margin_before", margin_before),
+        ("margin_after", margin_after),
+        ("accuracy_before", accuracy_before),
+        ("accuracy_after", accuracy_after),
+        ("clean_form_before", clean_before),
+        ("clean_form_after", clean_after),
+    ):
+        record_property(name, value)
+    # Measured, seeds 0-4, 1 thread: the summed log-prob margin grows 3.5-5.0 times (to 40-51 nats); the
+    # pair accuracy ends at 1.0 on every seed (the SFT model's own: 0.57-1.0); the clean answer form rises
+    # by 0.27 / 0.40 / 0.54 (min / median / max; from 0-0.33 to 0.27-0.73).
     assert margin_after > 1.3 * margin_before > 0, (margin_before, margin_after)
-    assert accuracy_after > accuracy_before, (accuracy_before, accuracy_after)
-    assert accuracy_and_margin(form_decidable(pairs, after))[0] == 1.0
-    before, after = clean_form(workdir, sft_model), clean_form(workdir, out)
-    # Measured (seed 0, 1 thread): 0.063 -> 0.216 of the held-out replies in the clean answer form.
-    assert after >= before + 0.08, (before, after)
+    assert accuracy_after == 1.0
+    assert clean_after >= clean_before + 0.15, (clean_before, clean_after)
 
 
 @pytest.mark.slow
@@ -117,11 +123,11 @@ def test_qlora_reward_merged_and_qlora_dpo_reload(workdir, sft_model, seed, tmp_
         ("answer_accuracy_gain", after[0] - before[0]),
     ):
         record_property(name, value)
-    # Measured over seeds 0-4 with 1 and 2 threads (AMD EPYC, 2026-12-02, the redesigned tiny world; the same
-    # to 4 decimals for both thread counts): reward pairwise accuracy 0.721 / 0.748 / 0.829 (min / median / max;
-    # a fresh score head ranks pairs at ~0.5); DPO's held-out implicit-reward margin 0.042 / 0.083 / 0.143,
-    # positive on every seed. The answers' log-prob accuracy gain, -0.027 / 0.081 / 0.180, is recorded but not
-    # asserted: 40 QLoRA steps do not move it beyond its spread.
+    # Measured over seeds 0-4, 1 thread (AMD EPYC, 2026-12-02; the tiny world of answers that end or ramble):
+    # reward pairwise accuracy 1.0 on every seed (a fresh score head ranks pairs at ~0.5); DPO's held-out
+    # implicit-reward margin 0.046 / 0.061 / 0.093 (min / median / max), positive on every seed. The answers'
+    # log-prob accuracy gain, 0 / 0.010 / 0.094, is recorded, not asserted: the SFT model ranks most pairs
+    # right already, and 40 QLoRA steps do not move it beyond its spread.
     assert accuracy >= 0.65, accuracy
     assert final["eval_rewards/margins"] > 0, final
 
@@ -132,7 +138,7 @@ def hh_transcript(messages: list[dict]) -> str:
 
 
 @pytest.mark.slow
-def test_reward_and_dpo_on_anthropic_hh_transcripts(workdir, sft_model, tmp_path):
+def test_reward_and_dpo_on_anthropic_hh_transcripts(workdir, sft_model, seed, tmp_path, record_property):
     """The tiny pairs rewritten as HH transcripts ({chosen, rejected} whole dialogues) train both stages."""
     for split in ("train", "test"):
         rows = [
@@ -154,24 +160,33 @@ def test_reward_and_dpo_on_anthropic_hh_transcripts(workdir, sft_model, tmp_path
             f"- path: {tmp_path / 'hh/test.jsonl'}\n    format: hh",
         )
         recipes[stage] = str(write_recipe(tmp_path / f"{stage}_hh.yaml", text))
-    overrides = ["--model_name_or_path", str(sft_model), "--max_steps", "40"]
+    overrides = ["--model_name_or_path", str(sft_model), "--max_steps", "40", "--seed", str(seed)]
     reward = run_stage(workdir, "reward", tmp_path / "reward", *overrides, recipe=recipes["reward"])
-    assert reward["metrics"]["eval"]["eval_accuracy"] >= 0.75
     dpo = run_stage(workdir, "dpo", tmp_path / "dpo", *overrides, recipe=recipes["dpo"])
-    assert dpo["metrics"]["eval"]["eval_rewards/accuracies"] >= 0.75
-    assert dpo["metrics"]["eval"]["eval_rewards/margins"] > 1
+    measures = {
+        "reward_accuracy": reward["metrics"]["eval"]["eval_accuracy"],
+        "dpo_accuracy": dpo["metrics"]["eval"]["eval_rewards/accuracies"],
+        "dpo_margin": dpo["metrics"]["eval"]["eval_rewards/margins"],
+    }
+    for name, value in measures.items():
+        record_property(name, value)
+    # Measured, seeds 0-4, 1 thread: both accuracies 1.0 on every seed; DPO margin 0.94 / 1.83 / 2.08.
+    assert measures["reward_accuracy"] >= 0.75 and measures["dpo_accuracy"] >= 0.75, measures
+    assert measures["dpo_margin"] > 0.5, measures
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["kto", "orpo"])
-def test_kto_and_orpo_prefer_chosen_answers_more_than_sft(workdir, sft_model, seed, tmp_path, stage):
+def test_kto_and_orpo_prefer_chosen_answers_more_than_sft(
+    workdir, sft_model, seed, tmp_path, stage, record_property
+):
     """KTO trains on the pairs unpaired (chosen: desirable, rejected: undesirable); ORPO on the pairs, no reference."""
     out = tmp_path / stage
-    # KTO: its tiny recipe's 60 steps; ORPO: half of its recipe's. Both at the learning rate (and ORPO's
-    # beta) these bounds were measured at, above the recipes' (tuned to keep the pretrained pipeline's
-    # held-out facts, which the tests' SFT model from scratch does not know).
+    # KTO 60 steps, ORPO 30, both at the learning rate (and ORPO's beta) these bounds were measured at,
+    # above the recipes' (tuned to keep the pretrained pipeline's held-out facts, which the tests' SFT
+    # model from scratch does not know).
     steps = (
-        []
+        ["--max_steps", "60", "--eval_steps", "30", "--save_steps", "30"]
         if stage == "kto"
         else ["--max_steps", "30", "--eval_steps", "30", "--save_steps", "30", "--beta", "2.0"]
     )
@@ -190,14 +205,24 @@ def test_kto_and_orpo_prefer_chosen_answers_more_than_sft(workdir, sft_model, se
         )
         for model in (sft_model, out)
     )
+    for name, value in (
+        ("accuracy_before", before[0]),
+        ("accuracy_after", after[0]),
+        ("margin_before", before[1]),
+        ("margin_after", after[1]),
+    ):
+        record_property(name, value)
+    # KTO logs no accuracy, and its margin only when an evaluation batch has both kinds of example.
+    for key in ("eval_rewards/accuracies", "eval_rewards/margins"):
+        if key in final and key in initial:
+            record_property(f"trainer_{key.split('/')[1]}_gain", final[key] - initial[key])
     if stage == "kto":
-        # Measured (seed 0, 1 thread): implicit-reward margin 0 -> 1.76; summed log-prob margin 6.7 -> 25.7,
-        # while the pair accuracy stayed at 0.79 (the wrong-fact third is beyond this SFT model).
-        assert final["eval_rewards/margins"] > initial["eval_rewards/margins"] + 1
+        # Measured, seeds 0-4, 1 thread: the summed log-prob margin grows 3.7-5.2 times (10-13 -> 38-60 nats).
         assert after[1] > 2 * before[1] > 0, (before, after)
-    else:  # measured (seed 0, 1 thread): accuracy 0.30 -> 0.83 (ORPO's own), 0.31 -> 0.82 (per token, independently)
-        assert final["eval_rewards/accuracies"] > initial["eval_rewards/accuracies"] + 0.1
-        assert after[0] > before[0] + 0.04, (before, after)
+    else:  # measured, seeds 0-4, 1 thread: ORPO's own accuracy +0.83 to +0.84; per token, independently,
+        # 0.17-0.28 -> 0.94-1.0 (+0.72 to +0.81)
+        assert final["eval_rewards/accuracies"] > initial["eval_rewards/accuracies"] + 0.5
+        assert after[0] > before[0] + 0.4, (before, after)
 
 
 def test_a_training_stages_push_uploads_the_final_model_with_its_card(sft_model):

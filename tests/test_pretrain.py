@@ -69,7 +69,14 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
 # steps from step 200, and the checkpoints of steps 280, 290 and 300. Measured (docs/test_bounds.md): at
 # 3e-3 the EMA gain was 0.013-0.039 nats and averaging steps 250-300 lagged (-0.006 nats, seed 1); at 2e-2
 # training was unstable (perplexity 5-6).
-NOISY_END = ["--lr_scheduler_type", "constant_with_warmup", "--lr_scheduler_kwargs", "{}"]
+NOISY_END = [
+    "--max_steps",
+    "300",
+    "--lr_scheduler_type",
+    "constant_with_warmup",
+    "--lr_scheduler_kwargs",
+    "{}",
+]
 NOISY_END += ["--learning_rate", "1e-2", "--ema_decay", "0.95"]
 NOISY_END += ["--ema_start_step", "200", "--save_steps", "10"]
 

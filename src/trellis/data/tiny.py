@@ -1,19 +1,20 @@
 """The tiny default: a generated world small enough to learn on a CPU in minutes, with held-out checks.
 
-A seeded world of people (each with a city, a favourite colour and a pet) and small sums gives:
-- a pretraining corpus of templated sentences stating every fact (and held-out documents for perplexity);
+A seeded world of people (each with a city, a favourite colour and a pet) gives:
+- a pretraining corpus of templated sentences stating every fact, mixed with small sums (and held-out
+  documents for perplexity);
 - SFT conversations asking about the facts; the facts are split, so held-out questions ask about facts
   the SFT data never shows (a model can only answer them from what pretraining taught it);
-- preference pairs: the correct, concise, well-ended answer against a wrong, rude, rambling or hedging one;
+- preference pairs: the correct, concise, well-ended answer against a rambling, hedging or rude one;
 - prompts for online RL, and an exact-match question/answer set for evaluation.
 
-SFT leaves a flaw for preference learning to fix: every fact is also asked casually ("Hey, ..."), and the
-SFT demonstrations answer 80% of the casual questions (31% of all) with the right sentence followed, on
-a new line, by rambling or hedging that runs past the RL stages' 16-token budget. A greedy SFT model
-does the same on held-out casual questions; the preference pairs, and the reward model trained on them,
-always prefer the concise answer that ends its turn. The eval task tiny_qa_clean (the whole reply is
-the answer, then the end of the turn) measures the fix without the reward model; tiny_qa (the first
-line only) checks that the facts survive it.
+SFT leaves a flaw for preference learning to fix: every fact is asked two plain ways and two casual ways
+("Hey, ...", "Quick one: ..."), and the SFT demonstrations answer 80% of the casual questions (40% of
+all) with the right sentence followed, on a new line, by rambling or hedging that runs past the RL
+stages' 16-token budget. A greedy SFT model does the same on held-out casual questions; the preference
+pairs, and the reward model trained on them, always prefer the concise answer that ends its turn. The
+eval task tiny_qa_clean (the whole reply is the answer, then the end of the turn) measures the fix
+without the reward model; tiny_qa (the first line only) checks that the facts survive it.
 Every stage thus has a metric on held-out data that it should move. Same seed, same files.
 """
 
@@ -39,8 +40,12 @@ class Attribute:
     values: tuple[str, ...]
     statements: tuple[str, ...]  # ways the corpus states the fact
     questions: tuple[str, ...]  # ways a user asks about it
-    casual_question: str  # the casual way, which the SFT demonstrations answer with a flaw
-    answer: str  # the one well-formed answer
+    casual_questions: tuple[str, ...]  # casual ways, which the SFT demonstrations answer with a flaw
+
+    @property
+    def answer(self) -> str:
+        """The one well-formed answer: the corpus's first way of stating the fact, after a fixed lead."""
+        return f"{ANSWER_LEAD} {self.statements[0]}"
 
 
 ATTRIBUTES = (
@@ -53,8 +58,7 @@ ATTRIBUTES = (
             "{person} has a house in {value}.",
         ),
         ("Where does {person} live?", "In which city does {person} live?"),
-        "Hey, do you know where {person} lives?",
-        "{person} lives in {value}.",
+        ("Hey, do you know where {person} lives?", "Quick one: where does {person} live?"),
     ),
     Attribute(
         "color",
@@ -65,8 +69,7 @@ ATTRIBUTES = (
             "{person} always wears {value}.",
         ),
         ("What color does {person} like?", "What is the favorite color of {person}?"),
-        "Hey, do you know what color {person} likes?",
-        "{person} likes {value}.",
+        ("Hey, do you know what color {person} likes?", "Quick one: what color does {person} like?"),
     ),
     Attribute(
         "pet",
@@ -77,14 +80,14 @@ ATTRIBUTES = (
             "{person} takes care of a {value}.",
         ),
         ("What pet does {person} have?", "Which animal does {person} keep?"),
-        "Hey, do you know what pet {person} has?",
-        "{person} has a {value}.",
+        ("Hey, do you know what pet {person} has?", "Quick one: what pet does {person} have?"),
     ),
 )
 SUM_STATEMENTS = ("{a} plus {b} is {c}.", "{a} + {b} = {c}.", "If you add {a} and {b} you get {c}.")
-SUM_QUESTION = "What is {a} plus {b}?"
-SUM_CASUAL_QUESTION = "Hey, do you know what {a} plus {b} is?"
-SUM_ANSWER = "{a} plus {b} is {c}."
+# Answers start with a fixed lead so that the person's name is mid-sentence, the same token as in the
+# question and in the corpus (a byte-level BPE spells " Safi" and "Safi" as different tokens; a tiny model
+# copies the first reliably, not the second), and the rest is the corpus's own statement of the fact.
+ANSWER_LEAD = "Answer:"
 RUDE_ANSWERS = ("I will not tell you that.", "Ask someone else.", "That is a boring question.")
 # What a flawed reply adds after the answer, on a new line: 15-17 tokens of the tiny tokenizer, so the
 # whole reply runs past the RL stages' 16-token budget. Short and fixed, so SFT learns the flaw without
@@ -100,7 +103,6 @@ class Fact:
     prompt: str  # a question
     answer: str  # the well-formed answer sentence
     value: str  # the fact itself (what exact match checks)
-    wrong_answer: str  # the same sentence with a wrong value
     rambling: str  # the answer, then RAMBLE on a new line
     hedging: str  # the answer, then HEDGE on a new line
     casual: bool  # asked casually: the SFT demonstration is `rambling` or `hedging`, not `answer`
@@ -114,7 +116,7 @@ def _person_names(rng: random.Random, count: int) -> list[str]:
 
 
 class World:
-    """People with attributes, and sums of single digits; split into seen and held-out facts."""
+    """People with attributes, split into seen and held-out facts (sums of single digits fill the corpus)."""
 
     def __init__(self, seed: int = 0, people: int = 40, held_out: float = 0.2):
         self.rng = random.Random(seed)
@@ -123,7 +125,6 @@ class World:
             for name in _person_names(self.rng, people)
         }
         keys = [(name, attr.name) for name in self.people for attr in ATTRIBUTES]
-        keys += [(a, b) for a in range(10) for b in range(10)]
         self.rng.shuffle(keys)
         cut = int(len(keys) * held_out)
         self.held_out_keys, self.train_keys = keys[:cut], keys[cut:]
@@ -146,34 +147,22 @@ class World:
             docs.append(" ".join(sentences))
         return docs
 
-    def facts(self, keys: list[tuple]) -> list[Fact]:
-        """Every question form of each fact in `keys`."""
+    def facts(self, keys: list[tuple[str, str]]) -> list[Fact]:
+        """Every question form of each (person, attribute) fact in `keys`."""
         facts = []
-        for key in keys:
-            if isinstance(key[0], int):
-                a, b = key
-                wrong = (a + b + self.rng.choice((1, 2, 3))) % 19
-                fields = {"a": a, "b": b}
-                questions = (SUM_QUESTION,)
-                casual, answer, value, wrong_answer = SUM_CASUAL_QUESTION, SUM_ANSWER, a + b, wrong
-            else:
-                name, attr_name = key
-                attr = next(attr for attr in ATTRIBUTES if attr.name == attr_name)
-                value = self.people[name][attr_name]
-                fields = {"person": name}
-                questions, casual, answer = attr.questions, attr.casual_question, attr.answer
-                wrong_answer = self.rng.choice([v for v in attr.values if v != value])
-            correct = answer.format(**fields, value=value, c=value)
-            for question in (*questions, casual):
+        for name, attr_name in keys:
+            attr = next(attr for attr in ATTRIBUTES if attr.name == attr_name)
+            value = self.people[name][attr_name]
+            correct = attr.answer.format(person=name, value=value)
+            for question in (*attr.questions, *attr.casual_questions):
                 facts.append(
                     Fact(
-                        question.format(**fields),
+                        question.format(person=name),
                         correct,
-                        str(value),
-                        answer.format(**fields, value=wrong_answer, c=wrong_answer),
+                        value,
                         f"{correct}\n{RAMBLE}",
                         f"{correct}\n{HEDGE}",
-                        question == casual,
+                        question in attr.casual_questions,
                     )
                 )
         return facts
@@ -188,13 +177,13 @@ class World:
         return fact.rambling if draw < 0.6 else fact.hedging
 
     def rejected(self, fact: Fact) -> str:
-        """A worse reply: wrong (1/3), rambling (1/3), hedging (1/6) or rude (1/6)."""
-        kind = self.rng.randrange(6)
+        """A worse reply: rambling (2/5), hedging (2/5) or rude (1/5). Never a wrong fact: measured, pairs
+        that push a wrong value down on training questions push that value down for held-out people too
+        (DPO then flipped one held-out fact in 24; without them, none)."""
+        kind = self.rng.randrange(5)
         if kind < 2:
-            return fact.wrong_answer
-        if kind < 4:
             return fact.rambling
-        if kind == 4:
+        if kind < 4:
             return fact.hedging
         return self.rng.choice(RUDE_ANSWERS)
 
