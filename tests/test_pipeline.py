@@ -48,7 +48,8 @@ stages:
       checkpoints:
         - {name: base, model_config: recipes/tiny/model.json, tokenizer_name_or_path: "${stages.data.output_dir}/tokenizer"}
         - {name: pretrain, path: "${stages.pretrain.output_dir}"}
-      select_from: [base, pretrain]          # the candidate: the lower perplexity (its direction)
+      candidate: null                        # eval.yaml names one; here it is picked:
+      select_from: [base, pretrain]          # the lower perplexity (its direction)
       select_by: tiny_corpus.perplexity
       tasks: []
       perplexity: [{label: tiny_corpus, path: data/tiny/corpus/validation.jsonl, max_length: 128, stride: 64, limit: LIMIT}]
