@@ -24,7 +24,7 @@ def _trainer_class(stage: str):
     if stage == "kto":
         from trl import KTOTrainer as trainer_class
     elif stage == "orpo":
-        from trl.experimental.orpo import ORPOTrainer as trainer_class
+        from trellis.train.orpo import ORPOTrainer as trainer_class
     else:
         from trl import DPOTrainer as trainer_class
     return trainer_class

@@ -135,7 +135,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "orpo",
             "dpo.py",
-            (_DATA, "trl.experimental.orpo:ORPOConfig", _MODEL),
+            (_DATA, "trellis.train.orpo:ORPOConfig", _MODEL),
             "accelerate",
             _LOSS_DOWN,
             trains=True,
