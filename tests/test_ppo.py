@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from alignment_metrics import clean_form
-from conftest import LORA, run_script, run_stage, start_script, wait_for_file, write_recipe
+from conftest import LORA, fresh_tiny_model, run_script, run_stage, start_script, wait_for_file, write_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -76,6 +76,43 @@ def record_rl_measures(record_property, workdir: Path, sft_model: Path, policy: 
         record_property(f"{key}_after", final[key])
     record_property("clean_form_before", clean_form(workdir, sft_model))
     record_property("clean_form_after", clean_form(workdir, policy))
+
+
+def test_value_model_trains_at_its_own_learning_rate(workdir, tmp_path):
+    """`value_learning_rate` puts every value-model parameter, and only those, on its own rate."""
+    import copy
+
+    from datasets import Dataset
+
+    from trellis.train.ppo_config import PPOConfig
+    from trellis.train.ppo_trainer import ResumablePPOTrainer
+
+    policy, tokenizer = fresh_tiny_model(workdir)
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    value_model = AutoModelForSequenceClassification.from_config(config)
+    prompts = Dataset.from_dict({"input_ids": [tokenizer("Where does Kalo live?")["input_ids"]] * 4})
+    args = PPOConfig(
+        output_dir=str(tmp_path),
+        learning_rate=1e-5,
+        value_learning_rate=3e-4,
+        per_device_train_batch_size=2,
+        total_episodes=4,
+        use_cpu=True,
+        report_to="none",
+    )
+    trainer = ResumablePPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=copy.deepcopy(policy),
+        reward_model=copy.deepcopy(value_model),
+        value_model=value_model,
+        train_dataset=prompts,
+    )
+    rate = {id(p): group["initial_lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert {rate[id(p)] for p in value_model.parameters()} == {3e-4}
+    assert {rate[id(p)] for p in policy.parameters()} == {1e-5}
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ VALUE_BOUNDS: dict[str, Bound] = {
     "gradient_accumulation_steps": _AT_LEAST_1,
     "eval_accumulation_steps": _AT_LEAST_1,
     "learning_rate": _NOT_NEGATIVE,
+    "value_learning_rate": _NOT_NEGATIVE,  # Trellis's PPOConfig
     "weight_decay": _NOT_NEGATIVE,
     "adam_beta1": _FRACTION,
     "adam_beta2": _FRACTION,

@@ -12,6 +12,10 @@ hold the policy, optimizer, scheduler, RNG states and trainer state, but not the
 - sample generations run under a forked RNG, so showing samples does not shift the training stream
   (their schedule restarts with a resumed run).
 
+It also gives the value model its own learning rate (`value_learning_rate`): TRL trains policy and
+value model with one AdamW at one rate, and Adam's steps do not grow with `vf_coef`, so that key cannot
+speed the value model up.
+
 On CPU a resumed run ends with the same weights as an uninterrupted one (tests/test_ppo.py).
 DeepSpeed ZeRO-3 checkpoints are not resumable this way (the value model is saved unsharded).
 """
@@ -70,6 +74,22 @@ class ResumablePPOTrainer(PPOTrainer):
             generator=torch.Generator().manual_seed(self.args.seed),
         )
         self.dataloader = self.accelerator.prepare(prompts)
+
+    def create_optimizer(self):
+        optimizer = super().create_optimizer()
+        if self.args.value_learning_rate is not None:
+            # Split each of the Trainer's groups (weight decay or not) into policy and value parameters;
+            # the scheduler then scales both rates alike. Nothing has stepped yet: no state to move.
+            value_ids = {id(p) for p in self.model.value_model.parameters()}
+            groups = list(optimizer.param_groups)
+            optimizer.param_groups.clear()
+            for group in groups:
+                settings = {key: value for key, value in group.items() if key != "params"}
+                policy = [p for p in group["params"] if id(p) not in value_ids]
+                value = [p for p in group["params"] if id(p) in value_ids]
+                optimizer.add_param_group({**settings, "params": policy})
+                optimizer.add_param_group({**settings, "params": value, "lr": self.args.value_learning_rate})
+        return optimizer
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)  # the policy only
