@@ -4,7 +4,7 @@ TRL (like the ORPO paper's code) takes the chosen sequence's NLL over prompt *an
 the tiny world (pipeline, seeds 0-4, from the pretrained model): two seeds in five then learn the
 training prompts' names and answer every held-out question about someone else (exact match 0.03 and 0,
 SFT's 0.86 and 1.0); with the NLL on the answer tokens, as SFT's `assistant_only_loss` takes it, every
-seed keeps its facts (exact match change from SFT -0.00 to +0.04) and fixes the flaw as well as DPO.
+seed keeps its facts (exact match change from SFT 0 to +0.04) and fixes the flaw as well as DPO.
 In its own module so that only ORPO imports TRL's experimental ORPO code.
 """
 
