@@ -120,7 +120,7 @@ def test_tiny_pretraining_learns_with_ema_and_averaging(
     seen = scalars["train/num_input_tokens_seen"]  # with every training and evaluation log
     assert seen == sorted(seen) and 0.95 < seen[-1] / (300 * 16 * 128) <= 1  # steps x batch x block
     record_property("train_loss_last_over_first", scalars["train/loss"][-1] / scalars["train/loss"][0])
-    # BOUND pretrain-train-loss: last/first logged loss 0.234 / 0.247 / 0.256 (seeds 0-4, 1 thread).
+    # BOUND pretrain-train-loss: last/first logged loss 0.246 / 0.257 / 0.311 (seeds 0-4, 1 and 2 threads).
     assert scalars["train/loss"][-1] < scalars["train/loss"][0] / 2
     assert len(scalars["eval/loss"]) >= 3 and len(scalars["eval/perplexity"]) == len(scalars["eval/loss"])
     assert scalars["eval/perplexity"][-1] == pytest.approx(math.exp(scalars["eval/loss"][-1]), rel=1e-4)
@@ -137,12 +137,15 @@ def test_tiny_pretraining_learns_with_ema_and_averaging(
     record_property("ema_gain_nats", ema_gain)
     record_property("averaged_gain_nats", averaged_gain)
     untrained = math.exp(metrics["initial"]["eval_loss"])
-    assert untrained > 300  # about uniform over the 634-token vocabulary
-    # BOUND pretrain-perplexity: 2.749 / 2.877 / 3.035 (min / median / max, seeds 0-4, 1 thread); the
-    # bound is 3x that spread above the worst seed.
-    assert metrics["eval"]["eval_perplexity"] < 4, metrics["eval"]
+    assert untrained > 300  # about uniform over the 640-token vocabulary
+    # BOUND pretrain-perplexity: 3.074 / 3.313 / 4.152 (min / median / max, seeds 0-4, 1 and 2 threads;
+    # seed 2's run at the noisy end's high rate ends higher). In nats 1.12 / 1.20 / 1.42 (untrained 6.5):
+    # the bound, ln 12 = 2.48, is 3.5x that spread above the worst seed.
+    assert metrics["eval"]["eval_perplexity"] < 12, metrics["eval"]
     # Held-out loss of the raw weights minus that of the EMA / the averaged checkpoints, nats.
-    # BOUND pretrain-ema: 0.0227 / 0.0356 / 0.0365; BOUND pretrain-averaged: 0.0272 / 0.0287 / 0.0366.
+    # BOUND pretrain-ema: 0.0354 / 0.0442 / 0.0627; BOUND pretrain-averaged: 0.0312 / 0.0415 / 0.0589
+    # (seeds 0-4, 1 and 2 threads). The median is 1.6x / 1.5x the spread, not 3x: the bound is the
+    # property (the variant beats the raw weights), which the worst seed clears by 1.3x / 1.1x the spread.
     assert ema_gain > 0.0, metrics
     assert averaged_gain > 0.0, metrics
     assert record["memory_estimate_gib"]["total"] > 0
