@@ -51,7 +51,8 @@ def test_reward_model_ranks_held_out_pairs(workdir, sft_model, reward_model, rec
     accuracy, margin = accuracy_and_margin(scores)
     record_property("reward_accuracy", accuracy)
     record_property("reward_margin", margin)
-    # Measured, seeds 0-4, 1 and 2 threads: accuracy 1.0 on every seed, margin 8.06 / 8.30 / 8.45 (min / median / max).
+    # Measured, seeds 0-4, 1-2 threads: accuracy 1.0 on every seed, margin 8.06 / 8.30 / 8.45 (min / median /
+    # max).
     assert accuracy >= 0.8 and margin > 2, (accuracy, margin)  # chance is 0.5
 
 
@@ -80,7 +81,7 @@ def test_dpo_raises_margin_and_accuracy_over_sft(workdir, sft_model, seed, tmp_p
         ("clean_form_after", clean_after),
     ):
         record_property(name, value)
-    # Measured, seeds 0-4, 1 and 2 threads: the summed log-prob margin grows 3.5-5.0 times (to 40-51 nats); the
+    # Measured, seeds 0-4, 1-2 threads: the summed log-prob margin grows 3.5-5.0 times (to 40-51 nats); the
     # pair accuracy ends at 1.0 on every seed (the SFT model's own: 0.57-1.0); the clean answer form rises
     # by 0.27 / 0.40 / 0.54 (min / median / max; from 0-0.33 to 0.27-0.73).
     assert margin_after > 1.3 * margin_before > 0, (margin_before, margin_after)
@@ -170,7 +171,7 @@ def test_reward_and_dpo_on_anthropic_hh_transcripts(workdir, sft_model, seed, tm
     }
     for name, value in measures.items():
         record_property(name, value)
-    # Measured, seeds 0-4, 1 and 2 threads: both accuracies 1.0 on every seed; DPO margin 0.94 / 1.83 / 2.08.
+    # Measured, seeds 0-4, 1-2 threads: both accuracies 1.0 on every seed; DPO margin 0.94 / 1.83 / 2.08.
     assert measures["reward_accuracy"] >= 0.75 and measures["dpo_accuracy"] >= 0.75, measures
     assert measures["dpo_margin"] > 0.5, measures
 
@@ -217,7 +218,8 @@ def test_kto_and_orpo_prefer_chosen_answers_more_than_sft(
         if key in final and key in initial:
             record_property(f"trainer_{key.split('/')[1]}_gain", final[key] - initial[key])
     if stage == "kto":
-        # Measured, seeds 0-4, 1 and 2 threads: the summed log-prob margin grows 3.7-6.5 times (10-13 -> 38-67 nats).
+        # Measured, seeds 0-4, 1-2 threads: the summed log-prob margin grows 3.7-6.5 times
+        # (10-13 -> 38-67 nats).
         assert after[1] > 2 * before[1] > 0, (before, after)
     else:  # measured, seeds 0-4, 1 and 2 threads: ORPO's own accuracy +0.84; per token, independently,
         # 0.17-0.28 -> 1.0 (+0.72 to +0.83)

@@ -343,8 +343,8 @@ def test_tiny_eval_recipe_shows_what_sft_changed(workdir, tmp_path, tiny_sft, re
     record_property("base_perplexity", metrics["tiny_corpus.perplexity"]["base"])
     # What SFT teaches: the untrained base never replies in the answer's form and stops; the SFT model does
     # on most held-out questions, and prefers the well-formed reply to a rude or rambling one more often.
-    # Measured, seeds 0-4, 1 and 2 threads (docs/test_bounds.md): SFT form 0.792 / 0.979 / 1.0 (min / median / max),
-    # preference gain 0.156 on every seed (the base's preferences are fixed: seed 0 initialisation).
+    # Measured, seeds 0-4, 1-2 threads (docs/test_bounds.md): SFT form 0.792 / 0.979 / 1.0 (min / median /
+    # max), preference gain 0.156 on every seed (the base's preferences are fixed: seed 0 initialisation).
     assert form["base"] == 0.0 and form["sft"] >= 0.5  # BOUND eval-sft-form
     assert preference["sft"] >= preference["base"] + 0.05  # BOUND eval-sft-preference
     # What it does not teach: facts it never saw. Exact match on held-out facts stays near chance (1/8).

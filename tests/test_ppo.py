@@ -122,7 +122,7 @@ def test_ppo_raises_mean_reward_on_held_out_prompts(
     record = read_record(str(full_ppo))
     initial, final = record["metrics"]["initial"], record["metrics"]["eval"]
     record_rl_measures(record_property, workdir, sft_model, full_ppo, record)
-    # Measured, seeds 0-4, 1 and 2 threads (learning rate 3e-4): the share of held-out replies that end the turn
+    # Measured, seeds 0-4, 1-2 threads (learning rate 3e-4): the share of held-out replies that end the turn
     # within the 16-token budget (the flaw: rambling runs past it) 0.49-0.61 -> 0.97-1.0; the held-out mean
     # reward rises on every seed, +0.37 / +2.82 / +3.25 with 1 thread, +0.37 / +2.64 / +2.94 with 2 (min /
     # median / max: seed 4's reward model rates this SFT model's answers low whatever their length). The

@@ -101,7 +101,7 @@ def test_tiny_sft_recipe_learns_and_stops(workdir, tmp_path, seed, record_proper
         record_property(f"{split}_ended_of_30", ended)
         record_property(f"{split}_well_formed_of_30", well_formed)
         record_property(f"{split}_casual_rambling_share", rambling / len(casual))
-        # Measured over seeds 0-4, 1 and 2 threads (docs/test_bounds.md): train 30 of 30 ended and well formed on
+        # Measured, seeds 0-4, 1-2 threads (docs/test_bounds.md): train 30 of 30 ended and well formed on
         # every seed; test 26-30 of 30 of each (seed 1 rambles on past 48 tokens 4 times); casual replies
         # going on after the answer: 0.86-1.0 of them. The untrained model gets no reply well formed.
         assert ended >= 24, (split, replies)

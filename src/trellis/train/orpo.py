@@ -29,7 +29,7 @@ class ORPOConfig(TrlORPOConfig):
 
 
 class ORPOTrainer(TrlORPOTrainer):
-    """TRL's ORPOTrainer; with `completion_only_loss` the NLL term skips the prompt, as the log-odds term does."""
+    """TRL's ORPOTrainer; with `completion_only_loss` the NLL term skips the prompt, as its log-odds does."""
 
     def concatenated_forward(self, model, batch):
         outputs = super().concatenated_forward(model, batch)
