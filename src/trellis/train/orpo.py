@@ -36,9 +36,12 @@ class ORPOTrainer(TrlORPOTrainer):
         if not self.args.completion_only_loss or self.is_encoder_decoder:
             return outputs
         chosen_logits = outputs[2]  # decoder-only: already shifted, position t predicts token t + 1
-        # The labels TRL's log-odds term uses: -100 on prompt and padding (rebuilding them only pads).
-        labels = self.concatenated_inputs(
-            batch, is_encoder_decoder=False, padding_value=self.padding_value, device=chosen_logits.device
-        )["concatenated_labels"][: chosen_logits.shape[0], 1:]
-        chosen_nll_loss = torch.nn.functional.cross_entropy(chosen_logits.flatten(0, 1), labels.flatten())
+        # The chosen labels (-100 on prompt and padding), padded like the logits to the pair's longer answer.
+        labels = batch["chosen_labels"]
+        labels = torch.nn.functional.pad(
+            labels, (0, chosen_logits.shape[1] + 1 - labels.shape[1]), value=-100
+        )
+        chosen_nll_loss = torch.nn.functional.cross_entropy(
+            chosen_logits.flatten(0, 1), labels[:, 1:].flatten()
+        )
         return (*outputs[:4], chosen_nll_loss, *outputs[5:])
