@@ -350,7 +350,7 @@ def test_tiny_eval_recipe_shows_what_sft_changed(workdir, tmp_path, tiny_sft, re
     # What it does not teach: facts it never saw. Exact match on held-out facts stays near chance (1/8).
     # BOUND eval-sft-exact-match: 0.042 / 0.083 / 0.125 (seeds 0-4).
     assert metrics["tiny_qa.exact_match"]["sft"] < 0.2
-    # The untrained base is near uniform over the 634-token vocabulary.
+    # The untrained base is near uniform over the 640-token vocabulary.
     # BOUND eval-base-perplexity: 666.77 for every seed (the base is initialised with seed 0).
     assert 550 < metrics["tiny_corpus.perplexity"]["base"] < 750
     row = next(line for line in (out / "results.md").read_text().splitlines() if "tiny_qa_form.acc" in line)
