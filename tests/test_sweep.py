@@ -15,6 +15,7 @@ from conftest import write_recipe
 
 from trellis.core.run_record import RECORD_NAME, machine_info, read_record
 from trellis.pipeline.runner import PIPELINE_RUN
+from trellis.pipeline.seed_table import effect_to_spread
 from trellis.pipeline.sweep import parse_seeds
 
 SWEPT = """
@@ -64,6 +65,15 @@ def test_seeds_are_ranges_or_lists():
     ):
         with pytest.raises(ValueError, match=message):
             parse_seeds(bad)
+
+
+def test_effect_to_spread_is_the_median_change_over_its_range_between_seeds():
+    assert effect_to_spread({"0": 0.44, "1": 0.49, "2": 0.52}) == "6.1x"  # 0.49 / 0.08
+    assert effect_to_spread({"0": -0.2, "1": 0.1, "2": 0.3}) == "0.2x"  # a change inside the noise
+    assert effect_to_spread({"0": -1.0, "1": -0.9}) == "-9.5x"  # the sign of the median
+    assert effect_to_spread({"0": 0.5, "1": 0.5}) == "inf" and effect_to_spread({"0": -1, "1": -1}) == "-inf"
+    assert effect_to_spread({"0": 0, "1": 0}) == "0"
+    assert effect_to_spread({"3": 0.5}) == "-"  # one seed: no spread to compare with
 
 
 def test_machine_names_the_cpu_as_proc_cpuinfo_does():

@@ -113,12 +113,14 @@ def _summary(values: dict[str, float]) -> dict[str, float]:
 
 def effect_to_spread(values: dict[str, float]) -> str:
     """The median change over its spread between seeds (max - min): how far a change stands out of the
-    noise ('3.2x'); '-' for one seed, 'inf' when every seed agrees exactly."""
+    noise ('3.2x'); '-' for one seed, '±inf' (or '0') when every seed agrees exactly."""
     summary = _summary(values)
     width = summary["max"] - summary["min"]
     if summary["n"] == 1:
         return "-"
-    return f"{summary['median'] / width:.1f}x" if width else ("inf" if summary["median"] else "0")
+    if not width:  # every seed agrees exactly
+        return "0" if not summary["median"] else "inf" if summary["median"] > 0 else "-inf"
+    return f"{summary['median'] / width:.1f}x"
 
 
 def spread(values: dict[str, float]) -> str:
