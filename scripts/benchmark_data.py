@@ -8,7 +8,8 @@ duplicates, junk and PII; runs the whole data stage on it with each engine side 
 the previous datasets.map implementation; `datatrove`: the datatrove pipelines, `num_proc` tasks and
 workers), each in its own process; then tokenizes the raw corpus alone with the same tokenizer
 through `datasets.map`, the floor the other steps should approach. Prints MB/s and documents/s per
-core for every step and end to end, and each engine's peak RSS (its largest process). A `datasets`
+core for every step and end to end, each engine's peak RSS (its largest process) and, for datatrove,
+each run's largest task's peak RSS (run it at two sizes to see what grows with the corpus). A `datasets`
 step's seconds are wall seconds on `num_proc` cores; a `datatrove` step's are task-seconds (summed
 over single-core tasks), so both divide by the cores they used. Figures are in docs/benchmarks.md.
 """
@@ -239,6 +240,8 @@ def main() -> None:
             engine,
         )
         summary[engine] = {"seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1)}
+        if "datatrove" in report:  # each run's largest task (the engine's peak is its main process)
+            summary[engine]["peak_task_rss_mb"] = report["datatrove"]["peak_task_rss_mb"]
 
     from transformers import AutoTokenizer
 
@@ -279,6 +282,9 @@ def main() -> None:
             f"{engine}: end to end {figures['seconds']} s, {figures['end_to_end_vs_tokenization_alone']:.0%} of "
             f"tokenization alone per core; peak RSS {figures['peak_rss_mb']} MB"
         )
+        if "peak_task_rss_mb" in figures:
+            runs = ", ".join(f"{run} {mb}" for run, mb in figures["peak_task_rss_mb"].items())
+            print(f"{engine}: peak RSS of a task (MB), per run: {runs}")
     if options.json:
         figures = {
             "corpus_mb": corpus_bytes / 1e6,

@@ -161,6 +161,9 @@ def test_a_killed_run_resumes_skipping_completed_tasks_and_matches_an_uninterrup
     assert [s["documents_out"] for s in reports[0]["steps"]] == [
         s["documents_out"] for s in reports[1]["steps"]
     ]
+    # every run's largest task memory, recorded by the tasks themselves (a process holds > 10 MB)
+    peaks = reports[0]["datatrove"]["peak_task_rss_mb"]
+    assert sorted(peaks) == sorted(datatrove_report.RUNS) and min(peaks.values()) > 10, peaks
 
 
 @pytest.mark.slow

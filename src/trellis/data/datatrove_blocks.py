@@ -1,6 +1,7 @@
 """The datatrove blocks Trellis adds where datatrove has no such step: cleaning, counted PII, the recipe's
-length and blocklist rules, scoring with a Hugging Face classifier, rank-keeping readers, MinHash pairs verified by exact Jaccard, the
-decontamination index; and the datatrove configs made from a data recipe."""
+length and blocklist rules, scoring with a Hugging Face classifier, rank-keeping readers, MinHash pairs
+verified by exact Jaccard, the decontamination index, each task's peak memory; and the datatrove configs
+made from a data recipe."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from datatrove.utils.hashing import HashConfig, create_hash_func
 from datatrove.utils.text import TextNormConfig, ngrams, simplify_text
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from trellis.core.memory import reset_peak_rss, rss_kib
 from trellis.core.recipe import local_path_problem
 from trellis.data import dedup, text_quality
 from trellis.data.arguments import DataArguments
@@ -233,6 +235,25 @@ def load_quality_model(name: str, revision: str | None, trust_remote_code: bool)
     if model.config.pad_token_id is None:  # it finds each document's last token by the pad id
         model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+class PeakMemory(PipelineStep):
+    """Passes the documents on; when its task is done, records the task process's peak resident memory
+    since the task began (`peak_rss_mb`), wherever the task ran: the report shows each run's largest."""
+
+    type = "📏 - MEMORY"
+    name = "peak memory"
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        # Lazily called when the executor starts pulling documents: before any block upstream has run.
+        reset_peak_rss()
+        if data:
+            yield from data
+        if (peak := rss_kib("VmHWM")) is not None:
+            self.stat_update(PEAK_RSS, value=round(peak / 1024), unit="task")
+
+
+PEAK_RSS = "peak_rss_mb"
 
 
 class RankFile(JsonlReader):

@@ -5,6 +5,7 @@ the documents they kept."""
 from __future__ import annotations
 
 import glob
+import heapq
 import json
 import math
 import os
@@ -16,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from trellis.data.arguments import DataArguments
-from trellis.data.datatrove_blocks import EXAMPLE_CHARS, QUALITY_SCORE, QualityFilter, read_records
+from trellis.data.datatrove_blocks import (
+    EXAMPLE_CHARS,
+    PEAK_RSS,
+    QUALITY_SCORE,
+    PeakMemory,
+    QualityFilter,
+    read_records,
+)
 from trellis.data.sources import DataError
 
 
@@ -63,6 +71,7 @@ def report_steps(args: DataArguments, work: str, report, wall: dict[str, float])
         "tasks": args.executor_spec.tasks,
         "wall_seconds": {run: round(value, 3) for run, value in wall.items()},
         "task_seconds": {step: round(value, 3) for step, value in seconds.items()},
+        "peak_task_rss_mb": peak_task_rss(work),
     }
     report.steps.extend(entries)
     return entries[0]["documents_out"]  # what `load` read
@@ -128,10 +137,19 @@ _FILTER_STEPS = ("length", "gopher", "repetition", "c4", "fineweb", "blocklist",
 def quality_details(args: DataArguments, work: str, removed: list[dict]) -> dict[str, Any]:
     """The scores of every scored document: summary, histogram, and the documents on either side of the
     threshold (what it cut, and what it let through)."""
-    kept = [
+    kept_scores: list[float] = []
+
+    def scored(records: Iterable[dict]) -> Iterable[dict]:
+        for record in records:
+            kept_scores.append(_score(record))
+            yield record
+
+    # streamed: only the scores and the few lowest kept documents stay in memory, however large the corpus
+    kept = (
         r for name in sorted(glob.glob(os.path.join(work, "filtered", "*.jsonl"))) for r in read_records(name)
-    ]
-    scores = np.array([_score(r) for r in [*kept, *removed]])
+    )
+    lowest_kept = heapq.nsmallest(args.report_examples, scored(kept), key=_score)
+    scores = np.array(kept_scores + [_score(r) for r in removed])
 
     def shown(records: list[dict]) -> list[dict]:
         return [
@@ -149,7 +167,7 @@ def quality_details(args: DataArguments, work: str, removed: list[dict]) -> dict
         "quantiles": {f"p{q}": round(float(np.percentile(scores, q)), 3) for q in (10, 50, 90)},
         "histogram": score_histogram(scores, args.quality_threshold),
         "removed_just_below": shown(sorted(removed, key=_score, reverse=True)),
-        "kept_just_above": shown(sorted(kept, key=_score)),
+        "kept_just_above": shown(lowest_kept),
     }
 
 
@@ -201,13 +219,24 @@ def task_seconds(work: str) -> dict[str, float]:
             blocks = {
                 block["name"]: block["time_stats"].get("total", 0.0)
                 for block in json.loads(Path(name).read_text())
-                if isinstance(block.get("time_stats"), dict)
+                if isinstance(block.get("time_stats"), dict) and not block["name"].endswith(PeakMemory.name)
             }
             spanning = [block for block in blocks if block.endswith(_SPANNING)]
             own = sum(seconds for block, seconds in blocks.items() if block not in spanning)
             for block, seconds in blocks.items():
                 totals[_step_of(run, block)] += max(seconds - own, 0.0) if block in spanning else seconds
     return dict(totals)
+
+
+def peak_task_rss(work: str) -> dict[str, int]:
+    """Run -> the largest peak resident memory (MB) of its tasks, as their PeakMemory blocks recorded."""
+    peaks: dict[str, int] = {}
+    for run in RUNS:
+        for name in glob.glob(os.path.join(work, "logs", run, "stats", "*.json")):
+            for block in json.loads(Path(name).read_text()):
+                if block["name"].endswith(PeakMemory.name) and PEAK_RSS in block["stats"]:
+                    peaks[run] = max(peaks.get(run, 0), int(block["stats"][PEAK_RSS]["total"]))
+    return peaks
 
 
 def _step_of(run: str, block: str) -> str:

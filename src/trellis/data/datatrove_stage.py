@@ -50,6 +50,7 @@ from trellis.data.datatrove_blocks import (
     BlocklistFilter,
     CountedPII,
     LengthFilter,
+    PeakMemory,
     QualityFilter,
     RankFile,
     TrellisClean,
@@ -283,7 +284,8 @@ def executors(spec: ExecutorSpec, runs: list[Run], work: str) -> list:
     """One datatrove executor per run; on Slurm each depends on the previous (afterok), elsewhere they
     run one after the other from here, so an empty result stops the stage with its reasons."""
     made: list = []
-    for name, pipeline, tasks in runs:
+    for name, steps, tasks in runs:
+        pipeline = [*steps, PeakMemory()]
         logs = os.path.join(work, "logs", name)
         previous = made[-1] if made and spec.kind == "slurm" else None
         if spec.kind == "local":

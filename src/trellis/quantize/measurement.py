@@ -3,13 +3,11 @@ greedy generation, and the recipe's perplexity sets and lm-eval tasks through th
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import sys
 import time
 from pathlib import Path
 
 from trellis.core.hashing import content_hash
+from trellis.core.memory import reset_peak_rss, rss_kib
 from trellis.evaluate.arguments import Checkpoint
 from trellis.quantize.arguments import QuantizeArguments
 from trellis.quantize.variants import WEIGHT_SUFFIXES, logger
@@ -30,17 +28,9 @@ def weights_size(path: str) -> int:
     return sum(f.stat().st_size for f in safetensors or files)
 
 
-def _rss_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise KeyError(field_name)
-
-
 def peak_load_memory(load):
     """Load a model and return it with the peak memory the load took, in bytes: GPU memory on a GPU,
-    else the rise of the process's peak resident memory (Linux resets the peak on request). None
-    where it cannot be measured."""
+    else the rise of the process's peak resident memory. None where it cannot be measured."""
     import torch
 
     if torch.cuda.is_available():
@@ -49,18 +39,11 @@ def peak_load_memory(load):
         before = torch.cuda.memory_allocated()
         model = load()
         return model, torch.cuda.max_memory_allocated() - before
-    if not sys.platform.startswith("linux"):
+    if not reset_peak_rss():
         return load(), None
-    # Hand memory freed by earlier loads back to the system (glibc), so that this load shows in the peak.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak resident set size
-    except OSError:  # a kernel or sandbox without it: no peak to read
-        return load(), None
-    before = _rss_kib("VmRSS")
+    before = rss_kib("VmRSS")
     model = load()
-    return model, (_rss_kib("VmHWM") - before) * 1024
+    return model, (rss_kib("VmHWM") - before) * 1024
 
 
 def generation_speed(model, tokenizer, new_tokens: int) -> float:
