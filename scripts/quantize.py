@@ -19,9 +19,9 @@ def main() -> None:
 
     from accelerate import PartialState
 
+    from trellis.compress import calibration, measurement, results, variants
     from trellis.core.run_record import RunRecord
     from trellis.evaluate import evaluation
-    from trellis.quantize import measurement, results, variants
     from trellis.train.run import setup_logging
 
     state = PartialState()
@@ -40,15 +40,15 @@ def main() -> None:
 
     with RunRecord("quantize", args.output_dir, {"quantize": args}) as record:
         record.set_input("model", variants.input_fingerprint(args))
-        tokenizer = variants.load_tokenizer(args)
+        tokenizer = calibration.load_tokenizer(args)
         to_make = [v for v in args.variants if not variants.is_complete(args, v)]
         for variant in (v for v in args.variants if v not in to_make):
             variants.logger.info("Variant %r is complete with these settings; kept", variant.name)
-        calibration = None
+        samples = None
         if any(v.method == "gptq" for v in to_make):
-            calibration = variants.calibration_data(args, tokenizer)
+            samples = calibration.calibration_data(args, tokenizer)
         for variant in to_make:
-            variants.quantize_variant(args, variant, tokenizer, calibration)
+            variants.quantize_variant(args, variant, tokenizer, samples)
 
         measured = {}
         for checkpoint in variants.checkpoints(args):

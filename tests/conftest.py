@@ -58,6 +58,12 @@ def tiny_data_output(workdir) -> Path:
     return workdir / "outputs" / "tiny" / "data"
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def run_script(args: list[str], cwd: Path, timeout: float = 600, launcher: list[str] | None = None):
     """Run `python scripts/<name>.py ...` (or under a launcher such as accelerate) and capture its output."""
     script, *rest = args
@@ -153,6 +159,37 @@ def fresh_tiny_model(workdir: Path, seed: int = 0):
     model = AutoModelForCausalLM.from_config(config)
     chat.apply_chat_template(model, tokenizer, "chatml")
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def language_model(workdir, seed, tmp_path_factory) -> Path:
+    """The tiny model (recipes/tiny/model.json) trained in-process on the tiny corpus and the SFT
+    conversations, so its held-out perplexity means something and small losses in it show (the
+    compression stages' input)."""
+    import torch
+
+    model, tokenizer = fresh_tiny_model(workdir, seed)
+    texts = [row["text"] for row in read_jsonl(workdir / "data/tiny/corpus/train.jsonl")]
+    texts += [
+        tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        for row in read_jsonl(workdir / "data/tiny/sft/train.jsonl")
+    ]
+    ids = [i for text in texts for i in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+    blocks = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(100):
+        batch = blocks[torch.randint(len(blocks), (16,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 2.0, f"the tiny model did not learn the corpus (loss {loss.item():.2f})"
+    out = tmp_path_factory.mktemp("lm")
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def start_script(args: list[str], cwd: Path) -> subprocess.Popen:

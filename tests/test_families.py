@@ -35,11 +35,11 @@ from families import (
 from family_models import TOKENS, official_template, reference_template, write_tiny_family_model
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from trellis.compress import calibration, results, variants
+from trellis.compress.arguments import QuantizeArguments
 from trellis.core.run_record import read_record
 from trellis.data.chat import PreflightError
 from trellis.pipeline.spec import load_pipeline
-from trellis.quantize import results, variants
-from trellis.quantize.arguments import QuantizeArguments
 from trellis.stages import STAGES, parse_recipe
 
 FIRST_OF_FAMILY = {f.family: f for f in reversed(FAMILIES)}
@@ -281,7 +281,7 @@ def calibration_starts_with_one_bos(record: dict, model: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     args = QuantizeArguments(**record["config"]["quantize"])
-    for sample in variants.calibration_data(args, tokenizer):
+    for sample in calibration.calibration_data(args, tokenizer):
         ids = sample["input_ids"][0].tolist()
         assert ids[:2] != [tokenizer.bos_token_id] * 2, tokenizer.convert_ids_to_tokens(ids[:3])
 

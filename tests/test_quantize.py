@@ -10,15 +10,14 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from conftest import REPO, fresh_tiny_model, run_script, write_recipe
+from conftest import REPO, run_script, write_recipe
 from packaging.requirements import Requirement
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from trellis.compress import results, variants
 from trellis.core.recipe import RecipeError
 from trellis.core.run_record import read_record
-from trellis.quantize import results, variants
 from trellis.stages import parse_recipe
 
 # Held-out perplexity of a variant relative to the original's (docs/test_bounds.md), seeds 0-4, 1 thread,
@@ -27,38 +26,6 @@ from trellis.stages import parse_recipe
 # over 3x its spread beyond the worst run.
 FOUR_BIT_PERPLEXITY_BOUND = 0.04  # BOUND quantize-4bit
 EIGHT_BIT_PERPLEXITY_BOUND = 0.01  # BOUND quantize-8bit; issue 7: 8-bit within 1% of the original
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def language_model(workdir, seed, tmp_path_factory) -> Path:
-    """The tiny model (recipes/tiny/model.json) trained in-process on the tiny corpus and the SFT
-    conversations, so its held-out perplexity means something and small losses in it show."""
-    model, tokenizer = fresh_tiny_model(workdir, seed)
-    texts = [row["text"] for row in read_jsonl(workdir / "data/tiny/corpus/train.jsonl")]
-    texts += [
-        tokenizer.apply_chat_template(row["messages"], tokenize=False)
-        for row in read_jsonl(workdir / "data/tiny/sft/train.jsonl")
-    ]
-    ids = [i for text in texts for i in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
-    blocks = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(100):
-        batch = blocks[torch.randint(len(blocks), (16,), generator=generator)]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss.item() < 2.0, f"the tiny model did not learn the corpus (loss {loss.item():.2f})"
-    out = tmp_path_factory.mktemp("lm")
-    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def tiny_recipe(workdir: Path, model: Path, out: Path) -> Path:

@@ -142,7 +142,8 @@ STAGES: dict[str, StageKind] = {
             measures_throughput=True,
         ),
         StageKind("eval", "evaluate.py", ("trellis.evaluate.arguments:EvalArguments",), "accelerate"),
-        StageKind("quantize", "quantize.py", ("trellis.quantize.arguments:QuantizeArguments",), "accelerate"),
+        StageKind("quantize", "quantize.py", ("trellis.compress.arguments:QuantizeArguments",), "accelerate"),
+        StageKind("prune", "prune.py", ("trellis.compress.arguments:PruneArguments",), "accelerate"),
         # Uploads a model directory from the runner; its keys are the pipeline file's (trellis.pipeline).
         StageKind("publish", None, (), "runner"),
     )

@@ -1,4 +1,6 @@
-"""The quantization stage's recipe: the model, the variants to make, calibration data, and how to score them.
+"""The compression stages' recipes. Quantization: the model, the variants to make, calibration data, and
+how to score them. Pruning: the model, the sizes to cut it to, and the calibration data that ranks what
+stays.
 
 The evaluation keys (tasks, perplexity sets, batch size, ...) are the evaluation stage's own fields, so
 a quantize recipe scores its variants exactly as an eval recipe would.
@@ -105,12 +107,17 @@ class QuantVariant:
         return problems
 
 
-def _eval_field(name: str) -> Any:
-    """The evaluation stage's field `name` (default and help), reused as a key of this recipe."""
-    spec = next(f for f in dataclasses.fields(EvalArguments) if f.name == name)
+def _field_of(cls: type, name: str) -> Any:
+    """Another recipe's field `name` (default and help), reused as a key of this one."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
     if spec.default_factory is not dataclasses.MISSING:
         return field(default_factory=spec.default_factory, metadata=spec.metadata)
     return field(default=spec.default, metadata=spec.metadata)
+
+
+def _eval_field(name: str) -> Any:
+    """The evaluation stage's field `name`: the recipes of this wing score models as an eval recipe would."""
+    return _field_of(EvalArguments, name)
 
 
 # The evaluation keys a quantize recipe takes; they build the EvalArguments that score each variant.
@@ -273,4 +280,82 @@ class QuantizeArguments:
             [{"name": "original", "path": self.model_name_or_path}]
         ).recipe_problems()
         problems += [p for p in checks if p.key not in ("checkpoints", "tasks")]
+        return problems
+
+
+@dataclass
+class PruneArguments:
+    """The pruning stage: a model, the sizes to cut it to, and the text that ranks what to keep."""
+
+    nested_items: ClassVar[dict[str, type]] = {
+        "calibration_datasets": DatasetSource,
+        "perplexity": PerplexitySet,
+    }
+    CUTS: ClassVar[tuple[str, ...]] = ("num_hidden_layers", "intermediate_size", "num_key_value_heads")
+
+    model_name_or_path: str = field(
+        metadata={"help": "The model to prune: a local directory (e.g. outputs/tiny/sft) or a Hub id."}
+    )
+    output_dir: str = field(metadata={"help": "Where the pruned model and prune_report.json are written."})
+    num_hidden_layers: int | None = field(
+        default=None, metadata={"help": "Decoder layers to keep (depth pruning); default: all."}
+    )
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "MLP channels to keep in every layer (width pruning); default: all."}
+    )
+    num_key_value_heads: int | None = field(
+        default=None,
+        metadata={
+            "help": "Key/value head groups to keep in every layer, each with its query heads (attention "
+            "width pruning; grouped-query attention stays valid); default: all."
+        },
+    )
+    calibration_datasets: list[dict] = field(
+        default_factory=list,
+        metadata={
+            "help": "Text that ranks layers, channels and heads (keys of a dataset source): `text` records, "
+            "or conversations rendered with the model's chat template."
+        },
+    )
+    calibration_samples: int = _field_of(QuantizeArguments, "calibration_samples")
+    calibration_max_length: int = _field_of(QuantizeArguments, "calibration_max_length")
+    perplexity: list[dict] = _eval_field("perplexity")
+    batch_size: int = _eval_field("batch_size")
+    dtype: str = _eval_field("dtype")
+    seed: int = _eval_field("seed")
+    trust_remote_code: bool = _eval_field("trust_remote_code")
+
+    def __post_init__(self) -> None:
+        self.calibration_datasets = [as_source(item) for item in self.calibration_datasets]
+        self.perplexity = [p if isinstance(p, PerplexitySet) else PerplexitySet(**p) for p in self.perplexity]
+
+    def cuts(self) -> dict[str, int]:
+        """The config sizes the recipe sets."""
+        return {key: getattr(self, key) for key in self.CUTS if getattr(self, key) is not None}
+
+    def recipe_problems(self) -> list[Problem]:
+        problems = [
+            Problem(key, f"must be at least 1, got {value}")
+            for key, value in self.cuts().items()
+            if value < 1
+        ]
+        if not self.cuts():
+            problems.append(
+                Problem(
+                    "num_hidden_layers",
+                    "nothing to prune: set num_hidden_layers, intermediate_size or num_key_value_heads "
+                    "below the model's",
+                )
+            )
+        if not self.calibration_datasets:
+            problems.append(
+                Problem(
+                    "calibration_datasets",
+                    "required: pruning ranks layers, channels and heads on calibration text; name at least "
+                    "one dataset source (e.g. the SFT training data)",
+                )
+            )
+        for key in ("calibration_samples", "calibration_max_length"):
+            if getattr(self, key) < 1:
+                problems.append(Problem(key, f"must be at least 1, got {getattr(self, key)}"))
         return problems

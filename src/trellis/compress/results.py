@@ -7,12 +7,12 @@ import json
 import os
 from pathlib import Path
 
+from trellis.compress.arguments import QuantizeArguments, QuantVariant
+from trellis.compress.measurement import MIB
+from trellis.compress.variants import ORIGINAL, QuantizationError, logger, variant_dir
 from trellis.core import hub
 from trellis.core.hub import CARD, upload_model
 from trellis.core.tables import markdown_table, number
-from trellis.quantize.arguments import QuantizeArguments, QuantVariant
-from trellis.quantize.measurement import MIB
-from trellis.quantize.variants import ORIGINAL, QuantizationError, logger, variant_dir
 
 REPORT_JSON, REPORT_MARKDOWN, PLOT = (
     "quantization_report.json",

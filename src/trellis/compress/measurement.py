@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from trellis.compress.arguments import QuantizeArguments
+from trellis.compress.variants import WEIGHT_SUFFIXES, logger
 from trellis.core.hashing import content_hash
 from trellis.core.memory import reset_peak_rss, rss_kib
 from trellis.evaluate.arguments import Checkpoint
-from trellis.quantize.arguments import QuantizeArguments
-from trellis.quantize.variants import WEIGHT_SUFFIXES, logger
 
 MIB = 1024**2
 
