@@ -81,9 +81,11 @@ def _prune_recipe(workdir, model, out) -> str:
     return str(write_recipe(workdir / "recipes-under-test" / "prune.yaml", text))
 
 
-# Held-out perplexity ratio, pruned keeping the least important / keeping the most important, on the
-# tiny LM trained in-process (seeds 0-4, 1 and 2 threads): depth 1.6-2.4, MLP width 1.9-3.1.
-REVERSED_IMPORTANCE_BOUND = 1.2  # BOUND prune-importance
+# Held-out perplexity, pruned keeping the least important / keeping the most important, on the tiny LM
+# trained in-process (seeds 0-4, 1 and 2 threads: identical): depth (1 of 2 layers) 76 / 88 / 200, MLP
+# width (96 of 384 channels) 5.41 / 9.56 / 19.2. Ratios spread widely (the reversed model is broken to a
+# different degree per seed), so the bound asserts the property with room: the worst run is 2.7x it.
+REVERSED_IMPORTANCE_BOUND = 2.0  # BOUND prune-importance
 
 
 @pytest.mark.parametrize(
