@@ -141,6 +141,19 @@ STAGES: dict[str, StageKind] = {
             trains=True,
             measures_throughput=True,
         ),
+        StageKind(
+            "distill",
+            "distill.py",
+            (
+                "trellis.train.arguments:SFTScriptArguments",
+                "trellis.train.distillation:DistillConfig",
+                _MODEL,
+            ),
+            "accelerate",
+            _LOSS_DOWN,  # the divergence from the teacher on held-out answers
+            trains=True,
+            measures_throughput=True,
+        ),
         StageKind("eval", "evaluate.py", ("trellis.evaluate.arguments:EvalArguments",), "accelerate"),
         StageKind("quantize", "quantize.py", ("trellis.compress.arguments:QuantizeArguments",), "accelerate"),
         StageKind("prune", "prune.py", ("trellis.compress.arguments:PruneArguments",), "accelerate"),
