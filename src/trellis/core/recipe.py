@@ -382,6 +382,7 @@ def check_local_paths(parsed: list[Any]) -> list[Problem]:
             ("chat_template_path", "chat template"),
             ("reward_model_path", "model directory"),
             ("value_model_path", "model directory"),
+            ("teacher_model_name_or_path", "model directory"),
             ("quality_model", "model directory"),
         ):
             may_be_hub_id.append((key, getattr(obj, key, None), what))

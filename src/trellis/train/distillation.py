@@ -14,7 +14,7 @@ from trl.experimental.gkd import GKDConfig as TrlGKDConfig
 from trl.experimental.gkd import GKDTrainer
 
 from trellis.core.errors import TrellisError
-from trellis.core.recipe import Problem, local_path_problem
+from trellis.core.recipe import Problem
 
 __all__ = ["DistillConfig", "DistillationError", "GKDTrainer", "check_teacher"]
 
@@ -36,8 +36,6 @@ class DistillConfig(TrlGKDConfig):
                     "student's tokenizer",
                 )
             ]
-        if message := local_path_problem(self.teacher_model_name_or_path, "model directory"):
-            return [Problem("teacher_model_name_or_path", message)]
         return []
 
 
