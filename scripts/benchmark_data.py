@@ -110,7 +110,15 @@ def _documents(rng: random.Random):
 def generate_corpus(
     directory: Path, megabytes: float, seed: int = 0, shard_mb: float = 25
 ) -> tuple[int, int]:
-    """Write jsonl shards (`shard_mb` MB each) of about `megabytes` MB; return bytes and documents written."""
+    """Write jsonl shards (`shard_mb` MB each) of about `megabytes` MB; return bytes and documents written.
+    A corpus this call wrote before with the same arguments is kept (generating 400 MB takes minutes)."""
+    done, settings = directory / "done.json", {"megabytes": megabytes, "seed": seed, "shard_mb": shard_mb}
+    if done.exists() and json.loads(done.read_text())["settings"] == settings:
+        written = json.loads(done.read_text())
+        return written["bytes"], written["documents"]
+    if directory.exists():
+        for old in directory.glob("shard-*.jsonl"):
+            old.unlink()
     directory.mkdir(parents=True, exist_ok=True)
     documents = _documents(random.Random(seed))
     written, count, target = 0, 0, megabytes * 1e6
@@ -123,6 +131,7 @@ def generate_corpus(
                 shard_bytes += len(line.encode())
                 count += 1
         written += shard_bytes
+    done.write_text(json.dumps({"settings": settings, "bytes": written, "documents": count}))
     return written, count
 
 
@@ -188,7 +197,7 @@ def main() -> None:
     shard_mb = min(25.0, options.megabytes / (2 * options.num_proc))
     corpus_bytes, corpus_docs = generate_corpus(work / "corpus", options.megabytes, shard_mb=shard_mb)
     logging.info(
-        "Generated %.1f MB (%d documents) in %.0f s",
+        "Corpus: %.1f MB (%d documents), ready in %.0f s",
         corpus_bytes / 1e6,
         corpus_docs,
         time.perf_counter() - start,

@@ -288,15 +288,12 @@ class VerifiedPairs(PipelineStep):
         self.threshold, self.ngram = threshold, ngram
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        files = sorted(glob.glob(os.path.join(self.candidates, "*.dups")))
-        pairs = {name: read_pairs(name) for name in files}
-        wanted = {doc for found in pairs.values() for pair in found for doc in pair}
-        texts = texts_of(self.documents, wanted)
+        texts = DocumentTexts(self.documents)
         os.makedirs(self.verified, exist_ok=True)
-        similar: dict[tuple, bool] = {}
-        for name, found in pairs.items():
+        similar: dict[tuple, bool] = {}  # a pair found by several bands is compared once
+        for name in sorted(glob.glob(os.path.join(self.candidates, "*.dups"))):
             with open(os.path.join(self.verified, os.path.basename(name)), "wb") as out:
-                for a, b in found:
+                for a, b in read_pairs(name):
                     if (a, b) not in similar:
                         similar[a, b] = dedup.jaccard(texts[a], texts[b], self.ngram) >= self.threshold
                     self.stat_update("candidates")
@@ -310,15 +307,32 @@ def read_pairs(path: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     return [((int(f1), int(d1)), (int(f2), int(d2))) for f1, d1, f2, d2 in values]
 
 
-def texts_of(folder: str, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], str]:
-    """Texts of the (task, index) documents of `folder`'s per-task files; only those."""
-    texts = {}
-    for task in sorted({task for task, _ in wanted}):
-        keep = {index for t, index in wanted if t == task}
-        for index, record in enumerate(read_records(os.path.join(folder, f"{task:05d}.jsonl"))):
-            if index in keep:
-                texts[task, index] = record["text"]
-    return texts
+class DocumentTexts:
+    """The text of document (task, index) of a folder's per-task files, read from disk when asked: each
+    file's line offsets (8 bytes a document) and the last few thousand texts stay in memory, so the
+    memory does not grow with the corpus's text."""
+
+    def __init__(self, folder: str, cached: int = 4096) -> None:
+        import functools
+
+        self.folder = folder
+        self._offsets: dict[int, np.ndarray] = {}
+        self._read = functools.lru_cache(maxsize=cached)(self._read_text)
+
+    def __getitem__(self, key: tuple[int, int]) -> str:
+        return self._read(*key)
+
+    def _path(self, task: int) -> str:
+        return os.path.join(self.folder, f"{task:05d}.jsonl")
+
+    def _read_text(self, task: int, index: int) -> str:
+        if task not in self._offsets:
+            with open(self._path(task), "rb") as handle:
+                lengths = [len(line) for line in handle]
+            self._offsets[task] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        with open(self._path(task), "rb") as handle:
+            handle.seek(int(self._offsets[task][index]))
+            return json.loads(handle.readline())["text"]
 
 
 def read_records(path: str):

@@ -262,7 +262,7 @@ def filter_removals(args: DataArguments, work: str) -> dict[str, dict]:
     reasons: Counter = Counter()
     examples: dict[str, list[str]] = {}
     for step in _FILTER_STEPS:
-        for record in removed_records(work, step):
+        for record in _records(work, f"removed/{step}"):
             reason = _reason(step, record["metadata"].get("filter_reason", step))
             reasons[reason] += 1
             shown = examples.setdefault(reason, [])
@@ -284,34 +284,44 @@ def raise_if_empty(step: str, removed: dict) -> None:
 
 
 def _near_duplicate_details(args: DataArguments, work: str) -> dict[str, Any]:
-    removed = removed_records(work, "near_dedup")
-    clusters: dict[int, list[str]] = {}
-    for record in removed:
-        clusters.setdefault(record["metadata"]["minhash_cluster_id"], []).append(record["text"])
-    shown = sorted(clusters)[: args.report_examples]
+    """Clusters and examples of the near duplicates, read in passes over the files: only counts per
+    cluster and the shown examples stay in memory."""
+    sizes: Counter = Counter()
+    for record in _records(work, "removed/near_dedup"):
+        sizes[record["metadata"]["minhash_cluster_id"]] += 1
+    shown = sorted(sizes)[: args.report_examples]
+    removed: dict[int, str] = {}  # each shown cluster's first removed document
+    for record in _records(work, "removed/near_dedup"):
+        if (cluster := record["metadata"]["minhash_cluster_id"]) in shown:
+            removed.setdefault(cluster, record["text"])
     kept = {}
-    for record in (
-        r for name in sorted(glob.glob(os.path.join(work, "final", "*.jsonl"))) for r in read_records(name)
-    ):
+    for record in _records(work, "final"):
         cluster = record["metadata"].get("minhash_cluster_id", -1)
         if cluster in shown:
             kept[cluster] = record["text"]
     return {
-        "clusters": len(clusters),
-        "removed": len(removed),
-        "largest_cluster": 1 + max((len(c) for c in clusters.values()), default=0) if clusters else 0,
-        "examples": [[example_text(kept.get(c, "")), example_text(clusters[c][0])] for c in shown],
+        "clusters": len(sizes),
+        "removed": sum(sizes.values()),
+        "largest_cluster": 1 + max(sizes.values()) if sizes else 0,
+        "examples": [[example_text(kept.get(c, "")), example_text(removed[c])] for c in shown],
     }
 
 
+def _records(work: str, folder: str) -> Iterable[dict]:
+    """The records of a folder's per-task files, streamed in task order."""
+    for name in sorted(glob.glob(os.path.join(work, folder, "*.jsonl"))):
+        yield from read_records(name)
+
+
 def kept_documents(args: DataArguments, work: str):
-    """The documents that survived, in task order, as a `text` dataset."""
+    """The documents that survived, in task order, as a `text` dataset: streamed into an Arrow file under
+    the work folder, so memory does not grow with the corpus."""
     import datasets
 
     folder = "final" if args.near_dedup else "deduped"
-    texts = [
-        r["text"]
-        for name in sorted(glob.glob(os.path.join(work, folder, "*.jsonl")))
-        for r in read_records(name)
-    ]
-    return datasets.Dataset.from_dict({"text": texts})
+
+    def texts():
+        for record in _records(work, folder):
+            yield {"text": record["text"]}
+
+    return datasets.Dataset.from_generator(texts, cache_dir=os.path.join(work, "kept"), keep_in_memory=False)
