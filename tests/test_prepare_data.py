@@ -14,6 +14,7 @@ from conftest import REPO, run_script, write_recipe
 from transformers import AutoTokenizer
 
 from trellis.core.run_record import read_record
+from trellis.data import datatrove_report
 from trellis.data.packing import load_packed, pack_blocks, tokenize_and_pack
 from trellis.data.sources import DataError
 
@@ -297,6 +298,8 @@ def test_benchmark_script_arithmetic(workdir, tmp_path):
         assert figures["engines"][engine]["peak_rss_mb"] > 0
     assert "tokenization_alone" in {row["step"] for row in figures["steps"]}
     assert "MB/s per core" in result.stdout
+    # each datatrove run's largest task, the figure that shows what grows with the corpus
+    assert sorted(figures["engines"]["datatrove"]["peak_task_rss_mb"]) == sorted(datatrove_report.RUNS)
 
 
 def test_streaming_source_reads_max_documents_of_its_text_field(tmp_path):
