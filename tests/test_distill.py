@@ -10,8 +10,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trellis.core.recipe import RecipeError
 from trellis.stages import parse_recipe
 
-# Held-out KL(teacher || student) on the SFT test answers, after / before 60 steps (seeds 0-4, 1 and 2
-# threads), the student being the tests' SFT model pruned to 1 of its 2 layers.
+# Held-out KL(teacher || student) on the SFT test answers, after / before 60 steps, the student being the
+# tests' SFT model pruned to 1 of its 2 layers: 0.056 / 0.123 / 0.161 (seeds 0-4, 1 and 2 threads: identical;
+# KL before 0.14-0.36). The effect (1 - ratio, median 0.88) is 8.3x the spread (0.105); the worst run is
+# 3.2x the spread below the bound.
 KL_RATIO_BOUND = 0.5  # BOUND distill-kl
 
 
