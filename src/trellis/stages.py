@@ -141,6 +141,7 @@ STAGES: dict[str, StageKind] = {
             trains=True,
             measures_throughput=True,
         ),
+        StageKind("generate", "generate.py", ("trellis.train.generation:GenerateArguments",), "accelerate"),
         StageKind(
             "distill",
             "distill.py",
