@@ -45,8 +45,8 @@ _PROJECTIONS = (
 
 
 def check_model(config, cuts: dict[str, int]) -> None:
-    """The cuts fit the model: each below its size, the layout one this stage knows. A PruningError
-    otherwise, before any weights load."""
+    """The cuts fit the model's config: each a size it has, at most as large. A PruningError otherwise,
+    before any weights load (check_layout checks the layers once they are loaded)."""
     for key, value in cuts.items():
         have = getattr(config, key, None)
         if have is None:
