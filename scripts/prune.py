@@ -18,7 +18,7 @@ def main() -> None:
 
     from accelerate import PartialState
 
-    from trellis.compress import calibration, pruning
+    from trellis.compress import calibration, pruning, variants
     from trellis.core.run_record import RunRecord
     from trellis.train.run import setup_logging
 
@@ -28,7 +28,7 @@ def main() -> None:
     pruning.check_model(pruning.load_config(args), args.cuts())
 
     with RunRecord("prune", args.output_dir, {"prune": args}) as record:
-        record.set_input("model", pruning.input_fingerprint(args))
+        record.set_input("model", variants.input_fingerprint(args))
         tokenizer = calibration.load_tokenizer(args)
         model = pruning.load_model(args)
         importance = pruning.measure_importance(model, calibration.calibration_data(args, tokenizer))

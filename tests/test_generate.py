@@ -118,6 +118,12 @@ def test_a_killed_run_resumes_at_the_first_missing_batch_with_the_same_answers(
     assert f"Resuming: {len(written)} of 96 batches are already written" in rerun.stdout + rerun.stderr
     assert (killed / generation.KEPT_NAME).read_text() == (whole / generation.KEPT_NAME).read_text()
 
+    # another setting: nothing is resumed from batches sampled otherwise
+    changed = run_script([*command(killed), "--temperature", "0.5"], workdir)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "Removing 96 batches written with other settings" in changed.stdout + changed.stderr
+    assert (killed / generation.KEPT_NAME).read_text() != (whole / generation.KEPT_NAME).read_text()
+
 
 def test_a_threshold_without_a_reward_model_is_refused(tmp_path):
     recipe = write_recipe(

@@ -293,12 +293,6 @@ def load_model(args: PruneArguments):
     return model.eval()
 
 
-def input_fingerprint(args: PruneArguments) -> dict:
-    from trellis.compress.variants import input_fingerprint as model_fingerprint
-
-    return model_fingerprint(args)
-
-
 def build_report(
     args: PruneArguments, original, pruned, tokenizer, importance: Importance, kept: Plan
 ) -> dict:

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from trellis.compress.arguments import QuantizeArguments, QuantVariant
+from trellis.compress.arguments import PruneArguments, QuantizeArguments, QuantVariant
 from trellis.core.errors import TrellisError
 from trellis.core.hashing import content_hash
 from trellis.core.recipe import local_path_problem
@@ -86,7 +86,7 @@ def check_group_sizes(args: QuantizeArguments, widths: dict[str, int]) -> None:
 # --- making a variant ----------------------------------------------------------------------------------
 
 
-def input_fingerprint(args: QuantizeArguments) -> dict:
+def input_fingerprint(args: QuantizeArguments | PruneArguments) -> dict:
     """The input model: a local directory by its files' sizes and modification times, a Hub id by name."""
     path = Path(args.model_name_or_path)
     if not path.is_dir():

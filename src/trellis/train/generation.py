@@ -5,7 +5,8 @@ student to be distilled on.
 
 Prompts are answered in batches; each batch is written to its own file when it is whole, sampled with
 its own seed (the recipe's seed plus the batch's first prompt), so a killed run resumes at the first
-missing batch and ends with the same answers as an uninterrupted one.
+missing batch and ends with the same answers as an uninterrupted one. A rerun with other settings,
+models or prompts starts afresh (batches/settings.json holds what the batches were made with).
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def generate(
     """Answer every batch of prompts not yet written, write each batch whole, then the kept answers."""
     folder = Path(args.output_dir, BATCHES_DIR)
     folder.mkdir(parents=True, exist_ok=True)
+    _clear_if_made_otherwise(folder, settings_key(args))
     starts = range(0, len(prompts), args.batch_size)
     done = [start for start in starts if _batch_path(folder, start).exists()]
     if done:
@@ -178,6 +180,32 @@ def generate(
             kept,
         )
     return write_kept(args.output_dir, [_batch_path(folder, start) for start in starts])
+
+
+def settings_key(args: GenerateArguments) -> str:
+    """What decides the answers and which are kept: every key but where they go and how many prompts
+    (a prefix of the same batches), plus the local models' and prompt files' contents."""
+    import dataclasses
+
+    from trellis.core.hashing import content_hash, file_stamps
+
+    values = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "max_prompts")}
+    paths = [args.model_name_or_path, args.reward_model_path, *(source.path for source in args.datasets)]
+    # weights by size and modification time; small files (configs, tokenizers, prompts) by content
+    values["files"] = [file_stamps(path, 1 << 20) for path in paths if path and os.path.exists(path)]
+    return content_hash(values)
+
+
+def _clear_if_made_otherwise(folder: Path, key: str) -> None:
+    """Batches written with other settings, models or prompts are not resumed from: they are removed."""
+    stamp = folder / "settings.json"
+    made_with = json.loads(stamp.read_text())["key"] if stamp.exists() else None
+    batches = list(folder.glob("*.jsonl"))
+    if made_with != key and batches:
+        logger.info("Removing %d batches written with other settings, models or prompts", len(batches))
+        for path in batches:
+            path.unlink()
+    stamp.write_text(json.dumps({"key": key}))
 
 
 def _batch_path(folder: Path, start: int) -> Path:
