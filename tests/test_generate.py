@@ -1,8 +1,9 @@
-"""The generate stage: sampled answers, scored by a reward model, kept by threshold or best-of-n, written as a
-chat dataset; a killed run resumes with the same answers."""
+"""The generate stage: sampled answers, checked against the right answer or scored by a reward model, kept by
+check, threshold or best-of-n, written as a chat dataset; a killed run resumes with the same answers."""
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -123,6 +124,61 @@ def test_a_killed_run_resumes_at_the_first_missing_batch_with_the_same_answers(
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert "Removing 96 batches written with other settings" in changed.stdout + changed.stderr
     assert (killed / generation.KEPT_NAME).read_text() != (whole / generation.KEPT_NAME).read_text()
+
+
+def test_a_checker_keeps_exactly_the_answers_whose_final_answer_is_right(workdir, sft_model, tmp_path):
+    # The model's own greedy answers first; then a prompt set whose `answer` is that answer for every
+    # other prompt and another for the rest: the checker must keep exactly the first half.
+    def generate(prompts, out, *overrides):
+        recipe = write_recipe(
+            tmp_path / "generate.yaml",
+            f"model_name_or_path: {sft_model}\noutput_dir: {out}\ndatasets: [{{path: {prompts}}}]\n"
+            "temperature: 0\nmax_new_tokens: 24\n",
+        )
+        result = run_script(["generate.py", "--config", str(recipe), *overrides], workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    questions = read_jsonl(workdir / "data/tiny/eval/qa.jsonl")[:24]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": row["question"]}) + "\n" for row in questions))
+    generate(plain, tmp_path / "plain")
+    replies = [r["messages"][-1]["content"] for r in _answers(tmp_path / "plain")]
+
+    checked = tmp_path / "checked.jsonl"
+    finals = [generation.final_answer(reply, "Answer:") or "" for reply in replies]
+    checked.write_text(
+        "".join(
+            json.dumps({"prompt": row["question"], "answer": final if i % 2 == 0 else final + " not"}) + "\n"
+            for i, (row, final) in enumerate(zip(questions, finals, strict=True))
+        )
+    )
+    generate(checked, tmp_path / "checked", "--check_answers", "true")
+    answers = _answers(tmp_path / "checked")
+    assert [r["messages"][-1]["content"] for r in answers] == replies  # greedy: the same replies
+    assert [r["kept"] for r in answers] == [i % 2 == 0 and bool(f) for i, f in enumerate(finals)]
+    assert sum(r["kept"] for r in answers) >= 6  # the tests' SFT model answers in the taught form
+    assert read_jsonl(tmp_path / "checked" / generation.KEPT_NAME) == [
+        {"messages": r["messages"]} for r in answers if r["kept"]
+    ]
+    metrics = read_record(str(tmp_path / "checked"))["metrics"]["generated"]
+    assert metrics["correct_fraction"] == metrics["kept_fraction"]
+
+
+def test_final_answers_are_what_follows_the_last_marker():
+    assert generation.final_answer("3 + 4 = 7.\nAnswer: 7.\nAnswer: 14.", "Answer:") == "14"
+    assert generation.final_answer("no marker here", "Answer:") is None
+    assert generation.final_answer(" Oslo.", "") == "Oslo"
+
+
+def test_checking_prompts_without_answers_is_refused_naming_the_file(workdir):
+    args = generation.GenerateArguments(
+        model_name_or_path="m",
+        output_dir="o",
+        datasets=[{"path": str(workdir / "data/tiny/prompts/test.jsonl")}],
+        check_answers=True,
+    )
+    with pytest.raises(generation.GenerationError, match="prompts/test.jsonl\\) have no `answer` column"):
+        generation.prompts_of(args)
 
 
 def test_a_threshold_without_a_reward_model_is_refused(tmp_path):

@@ -108,6 +108,7 @@ CONFIG_VALUE_BOUNDS: dict[str, dict[str, Bound]] = {
     "DPOConfig": {"beta": _POSITIVE},
     "KTOConfig": {"beta": _POSITIVE},
     "ORPOConfig": {"beta": _POSITIVE},
+    "GenerateArguments": {"temperature": Bound(0, note="0: greedy")},
 }
 
 

@@ -128,7 +128,7 @@ _PASSTHROUGH_COLUMNS: dict[str, dict[str, tuple[list[str], list[str]]]] = {
     },
     "preference": {"preference": (["chosen", "rejected"], ["prompt"])},
     "unpaired": {"unpaired": (["prompt", "completion", "label"], [])},
-    "prompts": {"prompt": (["prompt"], [])},
+    "prompts": {"prompt": (["prompt"], ["answer"])},  # a right answer, for the generate stage's checker
 }
 
 

@@ -6,7 +6,9 @@ A seeded world of people (each with a city, a favourite colour and a pet) gives:
 - SFT conversations asking about the facts; the facts are split, so held-out questions ask about facts
   the SFT data never shows (a model can only answer them from what pretraining taught it);
 - preference pairs: the correct, concise, well-ended answer against a rambling, hedging or rude one;
-- prompts for online RL, and an exact-match question/answer set for evaluation.
+- prompts for online RL, and an exact-match question/answer set for evaluation;
+- two-step questions ("What is (3 + 4) * 2?") with worked rationales, one step a line, for a teacher's
+  SFT and chain-of-thought distillation; held-out questions are digit triples no training file has.
 
 SFT leaves a flaw for preference learning to fix: every fact is asked two plain ways and two casual ways
 ("Hey, ...", "Quick one: ..."), and the SFT demonstrations answer 80% of the casual questions (40% of
@@ -20,6 +22,7 @@ Every stage thus has a metric on held-out data that it should move. Same seed, s
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -96,6 +99,49 @@ RUDE_ANSWERS = ("I will not tell you that.", "Ask someone else.", "That is a bor
 HEDGE = "But I am not sure."
 RAMBLE = "And that is all there is to it."
 _SYLLABLES = ("ka", "lo", "mi", "ra", "zu", "te", "no", "vi", "sa", "pe", "du", "fi", "go", "ha", "ri", "be")
+
+
+# Two-step questions: a sum, then a product. Measured with a student of a quarter of the teacher's size,
+# sums of three or four digits needed no reasoning (answers alone taught it more than rationales did,
+# 0.875 vs 0.775 held-out exact match): a sum is the same whatever the order, one attention average
+# away. (a + b) * c is not; trained on answers alone the student reached 0.375, on rationales 0.795.
+TWO_STEP_QUESTIONS = ("What is ({a} + {b}) * {c}?", "Add {a} and {b}, then multiply by {c}.")
+
+
+@dataclass(frozen=True)
+class TwoStepQuestion:
+    a: int
+    b: int
+    c: int
+    form: int  # which of TWO_STEP_QUESTIONS asks it
+
+    @property
+    def question(self) -> str:
+        return TWO_STEP_QUESTIONS[self.form].format(a=self.a, b=self.b, c=self.c)
+
+    @property
+    def value(self) -> str:
+        return str((self.a + self.b) * self.c)
+
+    @property
+    def answer(self) -> str:
+        return f"{ANSWER_LEAD} {self.value}."
+
+    @property
+    def rationale(self) -> str:
+        """One step a line, then the answer."""
+        total = self.a + self.b
+        return f"{self.a} + {self.b} = {total}.\n{total} * {self.c} = {self.value}.\n{self.answer}"
+
+
+def two_step_questions(seed: int, held_out: int = 200) -> tuple[list, list]:
+    """(training questions, held-out questions): every digit triple once, asked one of two ways; held-out
+    triples appear in no training file (their own generator: the other tiny files do not depend on it)."""
+    rng = random.Random(seed + 2)
+    triples = list(itertools.product(range(10), repeat=3))
+    rng.shuffle(triples)
+    questions = [TwoStepQuestion(*triple, rng.randrange(len(TWO_STEP_QUESTIONS))) for triple in triples]
+    return questions[held_out:], questions[:held_out]
 
 
 @dataclass(frozen=True)
@@ -238,6 +284,22 @@ def write_tiny_data(output_dir: str | Path, seed: int = 0) -> Path:
             {"question": f.prompt, "answer": f.value, "target": f.answer, "casual": f.casual}
             for f in held_out_facts
         ],
+    )
+
+    reasoning, held_out_reasoning = two_step_questions(seed)
+    for split, questions in (("train", reasoning), ("test", held_out_reasoning)):
+        _write_jsonl(
+            out / "reasoning" / f"{split}.jsonl",
+            [{"messages": _user(q.question) + _assistant(q.rationale)} for q in questions],
+        )
+    # what a teacher answers for its student, with the right answer for the generate stage's checker
+    _write_jsonl(
+        out / "reasoning" / "prompts.jsonl",
+        [{"prompt": _user(q.question), "answer": q.value} for q in reasoning],
+    )
+    _write_jsonl(
+        out / "eval" / "multistep.jsonl",
+        [{"question": q.question, "answer": q.value, "rationale": q.rationale} for q in held_out_reasoning],
     )
 
     tokenizer_texts = [

@@ -1,14 +1,20 @@
-"""The distill stage's logit distillation: TRL's GKDTrainer (generalized knowledge distillation), a student
-trained towards a teacher's next-token distributions over the chat data's answers.
+"""The distill stage's two modes.
 
-`beta` picks the divergence (0: forward KL, the classic distillation loss; 1: reverse KL; between: the
+- `logit`: TRL's GKDTrainer (generalized knowledge distillation), a student trained towards a teacher's
+  next-token distributions over the chat data's answers.
+- `cot` (chain of thought): the student is trained, as in SFT, on a teacher's worked answers (the generate
+  stage's output, checked or scored there): the teacher speaks through the data, so it needs no shared
+  tokenizer. `answers_only` trains on the final answers alone, the baseline that shows what the reasoning
+  adds.
+
+In `logit` mode `beta` picks the divergence (0: forward KL, the classic distillation loss; 1: reverse KL; between: the
 generalized Jensen-Shannon divergence), `lmbda` the share of batches whose answers the student samples
 itself (on-policy), `seq_kd` trains on answers the teacher samples. The teacher must share the student's
 tokenizer (its vocabulary): that is checked before the teacher's weights load.
 In its own module so that only this stage imports TRL's experimental GKD code.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trl.experimental.gkd import GKDConfig as TrlGKDConfig
 from trl.experimental.gkd import GKDTrainer
@@ -16,7 +22,7 @@ from trl.experimental.gkd import GKDTrainer
 from trellis.core.errors import TrellisError
 from trellis.core.recipe import Problem
 
-__all__ = ["DistillConfig", "DistillationError", "GKDTrainer", "check_teacher"]
+__all__ = ["DistillConfig", "DistillationError", "GKDTrainer", "check_teacher", "final_answers_only"]
 
 
 class DistillationError(TrellisError):
@@ -25,18 +31,67 @@ class DistillationError(TrellisError):
 
 @dataclass
 class DistillConfig(TrlGKDConfig):
-    """TRL's GKDConfig, with the teacher required."""
+    """TRL's GKDConfig, with the mode, and the teacher required for logit distillation."""
+
+    mode: str = field(
+        default="logit",
+        metadata={
+            "help": "logit: towards the teacher's next-token distributions (GKD); cot: on the teacher's "
+            "worked answers in the datasets (the generate stage's output), as SFT.",
+            "choices": ["logit", "cot"],
+        },
+    )
+    answers_only: bool = field(
+        default=False,
+        metadata={
+            "help": "cot mode: train on each answer's final answer alone (from the last answer_marker on), "
+            "without the reasoning before it: the baseline chain-of-thought distillation is measured against."
+        },
+    )
+    answer_marker: str = field(
+        default="Answer:", metadata={"help": "What precedes the final answer in an answer (answers_only)."}
+    )
 
     def recipe_problems(self) -> list[Problem]:
-        if not self.teacher_model_name_or_path:
-            return [
+        problems = []
+        if self.mode == "logit" and not self.teacher_model_name_or_path:
+            problems.append(
                 Problem(
                     "teacher_model_name_or_path",
-                    "required: the model to distil from (a local directory or a Hub id), with the "
-                    "student's tokenizer",
+                    "required in logit mode: the model to distil from (a local directory or a Hub id), with "
+                    "the student's tokenizer",
                 )
-            ]
-        return []
+            )
+        if self.mode == "cot" and self.teacher_model_name_or_path:
+            problems.append(
+                Problem(
+                    "teacher_model_name_or_path",
+                    "unused in cot mode, where the teacher's worked answers are the datasets (the generate "
+                    "stage's output): remove it, or set mode: logit",
+                )
+            )
+        if self.answers_only and self.mode != "cot":
+            problems.append(
+                Problem("answers_only", "a cot-mode baseline: set mode: cot, or remove answers_only")
+            )
+        return problems
+
+
+def final_answers_only(dataset, marker: str):
+    """Each conversation with its last turn cut to the final answer (from the last `marker` on); a turn
+    without the marker is a bad teacher answer: the error names the row."""
+
+    def cut(row: dict, index: int) -> dict:
+        last = row["messages"][-1]
+        if marker not in last["content"]:
+            raise DistillationError(
+                f"answers_only: row {index} of the data has no {marker!r} in its last turn "
+                f"({last['content']!r:.80}); set answer_marker to what precedes your answers' final answer"
+            )
+        answer = marker + last["content"].rsplit(marker, 1)[1]
+        return {"messages": [*row["messages"][:-1], {**last, "content": answer}]}
+
+    return dataset.map(cut, with_indices=True, desc="Cutting answers to their final answer")
 
 
 def check_teacher(args: DistillConfig, student_vocab_size: int) -> None:

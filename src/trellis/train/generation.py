@@ -1,7 +1,7 @@
-"""The generate stage: a model answers a prompt set, k samples a prompt; a reward model may score every
-answer and keep those at or above a threshold (rejection sampling) or each prompt's best (best-of-n); the
-kept answers become a chat dataset the SFT stage reads (`messages`), e.g. a teacher's answers for a
-student to be distilled on.
+"""The generate stage: a model answers a prompt set, k samples a prompt; a checker may keep only answers
+whose final answer is the prompt's right one, a reward model may score every answer and keep those at or
+above a threshold (rejection sampling) or each prompt's best (best-of-n); the kept answers become a chat
+dataset the SFT stage reads (`messages`), e.g. a teacher's worked answers for a student to be distilled on.
 
 Prompts are answered in batches; each batch is written to its own file when it is whole, sampled with
 its own seed (the recipe's seed plus the batch's first prompt), so a killed run resumes at the first
@@ -60,6 +60,19 @@ class GenerateArguments:
         metadata={"help": "Prompts per generation call (and per file written: the unit of resuming)."},
     )
     max_prompts: int | None = field(default=None, metadata={"help": "Answer only the first N prompts."})
+    check_answers: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep only answers whose final answer (what follows the last answer_marker, without end "
+            "punctuation) is the prompt's `answer` column: a checker, for questions with one right answer."
+        },
+    )
+    answer_marker: str = field(
+        default="Answer:",
+        metadata={
+            "help": "What precedes the final answer in an answer (check_answers); '': the whole answer."
+        },
+    )
     reward_model_path: str | None = field(
         default=None,
         metadata={
@@ -98,10 +111,6 @@ class GenerateArguments:
         for key in ("num_samples", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 problems.append(Problem(key, f"must be at least 1, got {getattr(self, key)}"))
-        if self.temperature < 0:
-            problems.append(Problem("temperature", f"must be 0 (greedy) or more, got {self.temperature}"))
-        if not 0 < self.top_p <= 1:
-            problems.append(Problem("top_p", f"must be in (0, 1], got {self.top_p}"))
         if (self.min_reward is not None or self.best_of_n) and not self.reward_model_path:
             key = "min_reward" if self.min_reward is not None else "best_of_n"
             problems.append(
@@ -114,13 +123,40 @@ class GenerateArguments:
         return problems
 
 
-def prompts_of(args: GenerateArguments) -> list[list[dict]]:
-    """The prompts as conversations ending before the answer (a plain string is one user turn)."""
+@dataclass
+class Prompt:
+    conversation: list[dict]  # ending before the answer
+    answer: str | None = None  # the right final answer, if the prompt set has one (check_answers)
+
+
+def prompts_of(args: GenerateArguments) -> list[Prompt]:
+    """The prompts as conversations ending before the answer (a plain string is one user turn), each with
+    its right answer when the answers are checked."""
     from trellis.data.sources import load_mixture
 
     dataset = load_mixture(args.datasets, args.seed, task="prompts")
-    prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in dataset["prompt"]]
+    if args.check_answers and "answer" not in dataset.column_names:
+        paths = ", ".join(source.path for source in args.datasets)
+        raise GenerationError(
+            f"check_answers: the prompts ({paths}) have no `answer` column to check answers against; add "
+            "each prompt's right final answer as `answer`, or set check_answers: false"
+        )
+    answers = dataset["answer"] if args.check_answers else [None] * len(dataset)
+    prompts = [
+        Prompt([{"role": "user", "content": p}] if isinstance(p, str) else p, answer)
+        for p, answer in zip(dataset["prompt"], answers, strict=True)
+    ]
     return prompts[: args.max_prompts] if args.max_prompts is not None else prompts
+
+
+def final_answer(text: str, marker: str) -> str | None:
+    """What follows the last `marker` in `text` (all of it if the marker is empty), without surrounding
+    space and end punctuation; None without the marker."""
+    if marker:
+        if marker not in text:
+            return None
+        text = text.rsplit(marker, 1)[1]
+    return text.strip().rstrip(".!").strip()
 
 
 def load_models(args: GenerateArguments):
@@ -151,7 +187,7 @@ def load_models(args: GenerateArguments):
 
 
 def generate(
-    args: GenerateArguments, model, tokenizer, reward_model, prompts: list[list[dict]]
+    args: GenerateArguments, model, tokenizer, reward_model, prompts: list[Prompt]
 ) -> dict[str, Any]:
     """Answer every batch of prompts not yet written, write each batch whole, then the kept answers."""
     folder = Path(args.output_dir, BATCHES_DIR)
@@ -212,16 +248,18 @@ def _batch_path(folder: Path, start: int) -> Path:
     return folder / f"{start:08d}.jsonl"
 
 
-def answer_batch(args: GenerateArguments, model, tokenizer, reward_model, prompts, first: int) -> list[dict]:
-    """num_samples answers to each prompt (`first` is the first prompt's index), scored when there is a
-    reward model, each marked kept or not."""
+def answer_batch(
+    args: GenerateArguments, model, tokenizer, reward_model, prompts: list[Prompt], first: int
+) -> list[dict]:
+    """num_samples answers to each prompt (`first` is the first prompt's index), checked and scored when
+    asked, each marked kept or not."""
     import torch
 
     torch.manual_seed(args.seed + first)
     ids = [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
-            "input_ids"
-        ]
+        tokenizer.apply_chat_template(
+            p.conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         for p in prompts
     ]
     # left padding: generation continues each prompt at the right edge
@@ -244,22 +282,27 @@ def answer_batch(args: GenerateArguments, model, tokenizer, reward_model, prompt
     records = []
     for i, answer in enumerate(answers):
         prompt = prompts[i // args.num_samples]
-        records.append(
-            {
-                "prompt_index": first + i // args.num_samples,
-                "messages": [*prompt, {"role": "assistant", "content": answer.strip()}],
-            }
-        )
+        record = {
+            "prompt_index": first + i // args.num_samples,
+            "messages": [*prompt.conversation, {"role": "assistant", "content": answer.strip()}],
+        }
+        if args.check_answers:
+            record["correct"] = final_answer(answer, args.answer_marker) == prompt.answer
+        records.append(record)
     if reward_model is not None:
         scores = score_answers(reward_model, tokenizer, [r["messages"] for r in records])
         for record, score in zip(records, scores, strict=True):
             record["score"] = score
+
+    def passes(record: dict) -> bool:
+        right = record.get("correct", True)
+        return right and (args.min_reward is None or record["score"] >= args.min_reward)
+
     for group in range(0, len(records), args.num_samples):
         choices = records[group : group + args.num_samples]
-        best = max(choices, key=lambda r: r.get("score", 0.0))
+        best = max(filter(passes, choices), key=lambda r: r.get("score", 0.0), default=None)
         for record in choices:
-            passes = args.min_reward is None or record["score"] >= args.min_reward
-            record["kept"] = passes and (not args.best_of_n or record is best)
+            record["kept"] = passes(record) and (not args.best_of_n or record is best)
     return records
 
 
@@ -285,7 +328,7 @@ def score_answers(
 def write_kept(output_dir: str, batch_files: list[Path]) -> dict[str, Any]:
     """The kept answers, as conversations, to output_dir/train.jsonl; counts for the run record."""
     answers = kept = 0
-    scores = []
+    scores, checks = [], []
     partial = Path(output_dir, KEPT_NAME + ".partial")
     with open(partial, "w", encoding="utf-8") as out:
         for path in batch_files:
@@ -294,6 +337,8 @@ def write_kept(output_dir: str, batch_files: list[Path]) -> dict[str, Any]:
                 answers += 1
                 if "score" in record:
                     scores.append(record["score"])
+                if "correct" in record:
+                    checks.append(record["correct"])
                 if record["kept"]:
                     kept += 1
                     out.write(json.dumps({"messages": record["messages"]}) + "\n")
@@ -301,5 +346,7 @@ def write_kept(output_dir: str, batch_files: list[Path]) -> dict[str, Any]:
     summary = {"answers": answers, "kept": kept, "kept_fraction": kept / answers if answers else 0.0}
     if scores:
         summary["mean_score"] = sum(scores) / len(scores)
+    if checks:
+        summary["correct_fraction"] = sum(checks) / len(checks)
     logger.info("Kept %d of %d answers in %s", kept, answers, Path(output_dir, KEPT_NAME))
     return summary

@@ -15,3 +15,10 @@ def clean_answer(doc: dict, results: list[str]) -> dict:
     the token budget), so a reply that rambles, hedges or runs on scores 0.
     """
     return {"acc": float(results[0].strip() == doc["target"])}
+
+
+def final_answer_match(doc: dict, results: list[str]) -> dict:
+    """1 if the reply's final answer (what follows its last "Answer:", without the full stop) is the right
+    one, whatever reasoning comes before it, else 0."""
+    found = re.findall(r"Answer:\s*(\S+?)\.?\s*$", results[0].strip())
+    return {"exact_match": float(bool(found) and found[-1] == doc["answer"])}
