@@ -86,10 +86,12 @@ def test_a_distill_recipe_without_a_teacher_is_refused(tmp_path):
         parse_recipe("distill", ["--config", str(path)], check_paths=False)
 
 
-# Held-out two-step exact match of the student (a quarter of the teacher's size) after 600 steps on the
-# teacher's checked worked answers, minus the same student's on final answers only: MEASURED (seeds 0-4, 1
-# and 2 threads). The recipe's 1,200 steps: the README's seed table.
-COT_MARGIN_BOUND = 0.2  # BOUND distill-cot
+# Held-out two-step exact match of the student (a quarter of the teacher's size) trained on the teacher's
+# checked worked answers, minus the same student's on final answers only, at the recipe's 1,200 steps:
+# 0.325 / 0.39 / 0.465 (seeds 0-4 x 1 and 2 threads; spread 0.14). The student's exact match / the teacher's:
+# 0.957 / 0.995 / 1.037.
+COT_MARGIN_BOUND = 0.15  # BOUND distill-cot
+COT_KEPT_BOUND = 0.8  # BOUND distill-cot-kept
 
 
 def _held_out_exact_match(model: Path, prompts: Path) -> float:
@@ -125,8 +127,8 @@ def test_a_small_student_learns_the_teachers_reasoning_which_answers_alone_do_no
     for name, overrides in (("cot", []), ("answers", ["--answers_only", "true"])):
         students[name] = root / name
         run_stage(
-            workdir, "distill", students[name], "--max_steps", "600", "--eval_steps", "600",
-            "--save_steps", "600", "--seed", str(seed), *overrides, recipe="recipes/tiny/distill_cot.yaml",
+            workdir, "distill", students[name], "--seed", str(seed), *overrides,
+            recipe="recipes/tiny/distill_cot.yaml",
         )  # fmt: skip
 
     prompts = root / "held_out.jsonl"
@@ -144,6 +146,7 @@ def test_a_small_student_learns_the_teachers_reasoning_which_answers_alone_do_no
         record_property(f"{name}_exact_match", value)
     record_property("cot_margin", match["cot"] - match["answers"])
     assert match["cot"] - match["answers"] >= COT_MARGIN_BOUND, match
+    assert match["cot"] >= COT_KEPT_BOUND * match["teacher"], match
     sizes = {
         name: AutoModelForCausalLM.from_pretrained(path).num_parameters() for name, path in students.items()
     }

@@ -7,10 +7,10 @@
   tokenizer. `answers_only` trains on the final answers alone, the baseline that shows what the reasoning
   adds.
 
-In `logit` mode `beta` picks the divergence (0: forward KL, the classic distillation loss; 1: reverse KL; between: the
-generalized Jensen-Shannon divergence), `lmbda` the share of batches whose answers the student samples
-itself (on-policy), `seq_kd` trains on answers the teacher samples. The teacher must share the student's
-tokenizer (its vocabulary): that is checked before the teacher's weights load.
+In `logit` mode `beta` picks the divergence (0: forward KL, the classic distillation loss; 1: reverse KL;
+between: the generalized Jensen-Shannon divergence), `lmbda` the share of batches whose answers the
+student samples itself (on-policy), `seq_kd` trains on answers the teacher samples. The teacher must share
+the student's tokenizer (its vocabulary): that is checked before the teacher's weights load.
 In its own module so that only this stage imports TRL's experimental GKD code.
 """
 
