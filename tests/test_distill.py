@@ -115,7 +115,7 @@ def test_a_small_student_learns_the_teachers_reasoning_which_answers_alone_do_no
 ):
     root = tmp_path_factory.mktemp("cot")
     teacher = root / "teacher"
-    run_stage(workdir, "sft", teacher, "--seed", str(seed), recipe="recipes/tiny/teacher.yaml")
+    run_stage(workdir, "sft", teacher, "--seed", str(seed), recipe="recipes/tiny/sft_teacher.yaml")
     rationales = workdir / "outputs/tiny/generate_rationales"  # where recipes/tiny/distill_cot.yaml reads
     generated = run_stage(
         workdir, "generate", rationales, "--model_name_or_path", str(teacher),

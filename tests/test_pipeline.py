@@ -336,6 +336,14 @@ def test_tiny_pipeline_is_valid(workdir, monkeypatch):
     assert pipeline.stage("publish").publish["dry_run"] is True  # no network by default
 
 
+def test_tiny_reasoning_pipeline_is_valid(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    pipeline = load_pipeline(str(REPO / "recipes" / "tiny" / "pipeline_reasoning.yaml"))
+    assert pipeline.names == ["teacher", "generate_rationales", "distill_cot", "distill_answers", "eval"]
+    assert pipeline.stage("distill_answers").depends_on == ["generate_rationales"]
+    assert pipeline.stage("eval").depends_on == ["teacher", "distill_cot", "distill_answers"]
+
+
 def test_report_of_an_evaluation_only_pipeline_copies_its_plots(tmp_path):
     from trellis.evaluate.comparison import RESULTS_JSON, comparison, plot_file_name
     from trellis.pipeline.report import PLOTS, build_report
