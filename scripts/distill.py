@@ -36,22 +36,13 @@ def main() -> None:
         chat.apply_chat_template(model, tokenizer, model_args.chat_template)
 
         if training_args.mode == "cot":
-            from trl import SFTTrainer
-
-            from trellis.train import lm_head_loss
+            from trellis.train.sft import sft_trainer
 
             if training_args.answers_only:
                 dataset = distillation.final_answers_only(dataset, training_args.answer_marker)
-            trainer = SFTTrainer(
-                model=model,
-                args=training_args,
-                train_dataset=dataset["train"],
-                eval_dataset=dataset.get("test"),
-                processing_class=tokenizer,
-                peft_config=models.peft_config(model_args),
+            trainer = sft_trainer(
+                model, tokenizer, training_args, model_args, dataset, script_args.unchunked_loss_max_mib
             )
-            lm_head_loss.compute_small_logits_at_once(trainer, script_args.unchunked_loss_max_mib)
-            chat.check_eos_in_loss_mask(trainer)
         else:
             distillation.check_teacher(training_args, model.config.get_text_config().vocab_size)
             teacher_args = dataclasses.replace(

@@ -16,11 +16,10 @@ from trellis.stages import parse_recipe
 def main() -> None:
     script_args, training_args, model_args = parse_recipe("sft")
 
-    from trl import SFTTrainer
-
     from trellis.data import chat, sources
-    from trellis.train import lm_head_loss, models
+    from trellis.train import models
     from trellis.train.run import save_final_model, start_training_run, train_and_evaluate
+    from trellis.train.sft import sft_trainer
 
     with start_training_run("sft", script_args, training_args, model_args) as record:
         dataset = sources.load_train_eval(script_args, seed=training_args.seed)
@@ -29,16 +28,9 @@ def main() -> None:
         model = models.load_model(model_args, tokenizer, training_args)
         chat.apply_chat_template(model, tokenizer, model_args.chat_template)
 
-        trainer = SFTTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=dataset["train"],
-            eval_dataset=dataset.get("test"),
-            processing_class=tokenizer,
-            peft_config=models.peft_config(model_args),
+        trainer = sft_trainer(
+            model, tokenizer, training_args, model_args, dataset, script_args.unchunked_loss_max_mib
         )
-        lm_head_loss.compute_small_logits_at_once(trainer, script_args.unchunked_loss_max_mib)
-        chat.check_eos_in_loss_mask(trainer)
         train_and_evaluate(trainer, record, script_args.eval_before_training)
         save_final_model(trainer, model_args)
 

@@ -18,7 +18,8 @@ def clean_answer(doc: dict, results: list[str]) -> dict:
 
 
 def final_answer_match(doc: dict, results: list[str]) -> dict:
-    """1 if the reply's final answer (what follows its last "Answer:", without the full stop) is the right
-    one, whatever reasoning comes before it, else 0."""
-    found = re.findall(r"Answer:\s*(\S+?)\.?\s*$", results[0].strip())
-    return {"exact_match": float(bool(found) and found[-1] == doc["answer"])}
+    """1 if the reply's final answer (after its last "Answer:", as the generate stage's checker reads it) is
+    the right one, whatever reasoning comes before it, else 0."""
+    from trellis.train.generation import final_answer
+
+    return {"exact_match": float(final_answer(results[0], "Answer:") == doc["answer"])}
