@@ -28,8 +28,8 @@ def main() -> None:
     pruning.check_model(pruning.load_config(args), args.cuts())
 
     with RunRecord("prune", args.output_dir, {"prune": args}) as record:
-        record.set_input("model", variants.input_fingerprint(args))
-        tokenizer = calibration.load_tokenizer(args)
+        record.set_input("model", variants.input_fingerprint(args.model_name_or_path))
+        tokenizer = calibration.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
         model = pruning.load_model(args)
         importance = pruning.measure_importance(model, calibration.calibration_data(args, tokenizer))
         pruned, kept = pruning.prune(model, importance, args.cuts())

@@ -1,13 +1,14 @@
-"""Quantize a trained model into deployable variants and measure what each costs in quality and saves in size.
+"""Quantize a trained model into deployable variants and measure what each costs in quality and saves in size;
+with `compressed_models` (the model pruned, or distilled into a student), those too, in the same table.
 
     accelerate launch scripts/quantize.py --config recipes/tiny/quantize.yaml
 
-Reads the recipe strictly, checks the input model, the task names and that every GPTQ group size fits
-the model's layer widths before any weights load, makes each variant (GPTQ, bitsandbytes, torchao) in
-output_dir/<name>/ (a complete variant with the same settings is kept on a rerun), measures the original
-and every variant (size, load memory, tokens/s, perplexity, lm-eval tasks), writes
-quantization_report.md/.json and quality_vs_size.png with the best variant marked, a model card per
-variant, and with push_to_hub uploads each variant.
+Reads the recipe strictly, checks the input models, the task names and that every GPTQ group size fits
+each model's layer widths before any weights load, makes each variant (GPTQ, bitsandbytes, torchao) of
+each model in output_dir/<name>/ (a complete variant with the same settings is kept on a rerun),
+measures the original, the compressed models and every variant (size, load memory, tokens/s,
+perplexity, lm-eval tasks), writes quantization_report.md/.json and quality_vs_size.png with the best
+variant marked, a model card per variant, and with push_to_hub uploads each variant.
 """
 
 from trellis.core.errors import exit_on_error
@@ -31,28 +32,35 @@ def main() -> None:
         )
     setup_logging()
     variants.check_input(args)
-    if any(variant.method == "gptq" for variant in args.variants):
-        variants.check_group_sizes(args, variants.quantized_layer_widths(args))
-    eval_args = args.eval_arguments(variants.checkpoints(args))
+    sources = variants.sources(args)
+    for source in sources:
+        if any(variant.method == "gptq" for variant in source.variants):
+            widths = variants.quantized_layer_widths(source.path, args.trust_remote_code)
+            variants.check_group_sizes(source, widths)
+    eval_args = args.eval_arguments([checkpoint for *_, checkpoint in variants.checkpoints(args)])
     manager = evaluation.task_manager(eval_args) if args.tasks else None
     if manager is not None:
         evaluation.check_tasks(eval_args, manager)
 
     with RunRecord("quantize", args.output_dir, {"quantize": args}) as record:
-        record.set_input("model", variants.input_fingerprint(args))
-        tokenizer = calibration.load_tokenizer(args)
-        to_make = [v for v in args.variants if not variants.is_complete(args, v)]
-        for variant in (v for v in args.variants if v not in to_make):
-            variants.logger.info("Variant %r is complete with these settings; kept", variant.name)
-        samples = None
-        if any(v.method == "gptq" for v in to_make):
-            samples = calibration.calibration_data(args, tokenizer)
-        for variant in to_make:
-            variants.quantize_variant(args, variant, tokenizer, samples)
+        record.set_input("models", {s.name: variants.input_fingerprint(s.path) for s in sources})
+        tokenizers = {}
+        for source in sources:
+            tokenizer = tokenizers[source.name] = calibration.load_tokenizer(
+                source.path, args.trust_remote_code
+            )
+            to_make = [v for v in source.variants if not variants.is_complete(args, source, v)]
+            for variant in (v for v in source.variants if v not in to_make):
+                variants.logger.info("%r is complete with these settings; kept", source.variant_name(variant))
+            samples = None
+            if any(v.method == "gptq" for v in to_make):
+                samples = calibration.calibration_data(args, tokenizer)
+            for variant in to_make:
+                variants.quantize_variant(args, source, variant, tokenizer, samples)
 
         measured = {}
-        for checkpoint in variants.checkpoints(args):
-            result = measurement.measure(args, checkpoint, tokenizer, manager)
+        for source, _, checkpoint in variants.checkpoints(args):
+            result = measurement.measure(args, checkpoint, tokenizers[source.name], manager)
             record.set_metrics(checkpoint.name, {**result["metrics"], **result["resources"]})
             measured[checkpoint.name] = result
         report = results.build_report(args, measured)

@@ -98,6 +98,26 @@ def run_stage(workdir: Path, stage: str, out: Path, *overrides: str, recipe: str
     return record
 
 
+def prune_in_process(workdir: Path, model_dir: Path, out: Path, **cuts: int) -> Path:
+    """The model cut to `cuts` (e.g. num_hidden_layers=1) by the prune stage's library, what the tiny SFT
+    conversations use least going: a smaller model made from it, in seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trellis.compress import pruning
+
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        AutoTokenizer.from_pretrained(model_dir),
+    )
+    rows = read_jsonl(workdir / "data/tiny/sft/train.jsonl")[:16]
+    texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in rows]
+    samples = [tokenizer(text, return_tensors="pt", add_special_tokens=False) for text in texts]
+    pruned, _ = pruning.prune(model, pruning.measure_importance(model, samples), cuts)
+    pruned.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_script, write_recipe
+from conftest import REPO, prune_in_process, run_script, write_recipe
 from packaging.requirements import Requirement
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -28,13 +28,16 @@ FOUR_BIT_PERPLEXITY_BOUND = 0.04  # BOUND quantize-4bit
 EIGHT_BIT_PERPLEXITY_BOUND = 0.01  # BOUND quantize-8bit; issue 7: 8-bit within 1% of the original
 
 
-def tiny_recipe(workdir: Path, model: Path, out: Path) -> Path:
-    """recipes/tiny/quantize.yaml with its variants as they are, on `model`, with fewer calibration records,
-    held-out texts and task examples (the test's time budget)."""
+def tiny_recipe(workdir: Path, model: Path, out: Path, pruned: Path) -> Path:
+    """recipes/tiny/quantize.yaml with its variants as they are, on `model`, plus `pruned` (made from it) with
+    two of them, with fewer calibration records, held-out texts and task examples (the test's time budget)."""
     recipe = yaml.safe_load((REPO / "recipes/tiny/quantize.yaml").read_text())
     recipe.update(
         model_name_or_path=str(model), output_dir=str(out), calibration_samples=16, generation_tokens=8
     )
+    recipe["compressed_models"] = [
+        {"name": "pruned", "path": str(pruned), "variants": ["gptq-4bit", "bnb-nf4"]}
+    ]
     recipe.update(tasks=["tiny_preference"], limit=16)
     recipe["perplexity"][0]["limit"] = 150
     return write_recipe(
@@ -44,9 +47,13 @@ def tiny_recipe(workdir: Path, model: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def quantized(workdir, language_model, tmp_path_factory) -> tuple[Path, Path]:
-    """The tiny recipe run once under accelerate launch; its recipe and output_dir."""
-    out = tmp_path_factory.mktemp("quantize") / "out"
-    recipe = tiny_recipe(workdir, language_model, out)
+    """The tiny recipe, with a width-pruned model beside the original, run once under accelerate launch;
+    its recipe and output_dir."""
+    root = tmp_path_factory.mktemp("quantize")
+    # MLPs cut from 384 to 256 channels: smaller, and GPTQ's groups of 128 still fit
+    pruned = prune_in_process(workdir, language_model, root / "pruned", intermediate_size=256)
+    out = root / "out"
+    recipe = tiny_recipe(workdir, language_model, out, pruned)
     launcher = [
         sys.executable,
         "-m",
@@ -75,7 +82,9 @@ def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, q
     recipe, out = quantized
     report = json.loads((out / results.REPORT_JSON).read_text())
     rows = report["checkpoints"]
-    assert list(rows) == ["original", "gptq-4bit", "gptq-8bit", "bnb-8bit", "bnb-nf4", "torchao-int8"]
+    quantized_original = ["gptq-4bit", "gptq-8bit", "bnb-8bit", "bnb-nf4", "torchao-int8"]
+    assert list(rows) == ["original", *quantized_original, "pruned", "pruned-gptq-4bit", "pruned-bnb-nf4"]
+    assert [rows[name]["model"] for name in rows] == ["original"] * 6 + ["pruned"] * 3
     perplexity = {name: row["metrics"]["tiny_corpus.perplexity"] for name, row in rows.items()}
     record_property("original_perplexity", perplexity["original"])
     for name in list(rows)[1:]:
@@ -97,11 +106,18 @@ def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, q
     original_size = rows["original"]["size_bytes"]
     assert original_size == pytest.approx(expected_weight_bytes(language_model, 32), rel=0.01)
     for name, row in rows.items():
-        bits = 32 if name == "original" else row["settings"]["bits"]
-        expected = expected_weight_bytes(language_model, bits)
+        bits = 32 if row["settings"]["method"] == "none" else row["settings"]["bits"]
+        expected = expected_weight_bytes(Path(rows[row["model"]]["path"]), bits)
         assert expected <= row["size_bytes"] < 1.12 * expected, (name, row["size_bytes"], expected)
         assert row["size_ratio"] == pytest.approx(row["size_bytes"] / original_size)
     assert rows["gptq-4bit"]["size_ratio"] < 0.3 and rows["bnb-8bit"]["size_ratio"] < 0.4
+    # The pruned model's variants are smaller still, each measured against the original.
+    for name, unpruned in (
+        ("pruned", "original"),
+        ("pruned-gptq-4bit", "gptq-4bit"),
+        ("pruned-bnb-nf4", "bnb-nf4"),
+    ):
+        assert rows[name]["size_bytes"] < rows[unpruned]["size_bytes"], name
 
     # The best variant: the smallest that keeps 99% of the original's perplexity.
     meeting = [n for n, r in rows.items() if n != "original" and r["quality_retention"] >= 0.99]
@@ -113,10 +129,9 @@ def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, q
         assert 0 <= row["metrics"]["tiny_preference.acc"] <= 1
 
     table = (out / results.REPORT_MARKDOWN).read_text()
-    assert (
-        f"| **{report['best']}** ★ |" in table
-        and "| bnb-nf4 | bitsandbytes 4-bit, nf4 double-quant |" in table
-    )
+    assert table.startswith("# Compression of") and f"| **{report['best']}** ★ |" in table
+    assert "| bnb-nf4 | original | bitsandbytes 4-bit, nf4 double-quant |" in table
+    assert "| pruned | pruned | unquantized (float32) |" in table
     assert (out / results.PLOT).read_bytes()[:4] == b"\x89PNG"
     record = read_record(str(out))
     assert record["status"] == "complete" and record["best_variant"] == report["best"]
@@ -126,6 +141,9 @@ def test_tiny_recipe_variants_keep_quality_and_shrink(workdir, language_model, q
     card = (out / "bnb-nf4" / "README.md").read_text()
     assert "| quant_type | nf4 |" in card and "bitsandbytes" in card
     assert f"**{100 * rows['bnb-nf4']['quality_retention']:.4g}%**" in card
+    card = (out / "pruned-bnb-nf4" / "README.md").read_text()
+    assert f"was made smaller from `{language_model}`" in card
+    assert f"**{100 * rows['pruned-bnb-nf4']['quality_retention']:.4g}%**" in card
     # GPTQ is saved in the standard (v1) format vLLM and TGI read, without the calibration records.
     gptq = json.loads((out / "gptq-4bit" / "config.json").read_text())["quantization_config"]
     assert gptq["checkpoint_format"] == "gptq" and gptq["dataset"] is None and gptq["group_size"] == 128
@@ -138,12 +156,14 @@ def test_variants_reload_and_generate(workdir, quantized):
         "gptq-4bit": "TorchAtenLinear",  # GPTQModel's CPU kernel
         "bnb-8bit": "Linear8bitLt",
         "bnb-nf4": "Linear4bit",
+        "pruned-gptq-4bit": "TorchAtenLinear",
     }
     prompt = [{"role": "user", "content": "Where does Pepe live?"}]
     for name, kind in layer_kind.items():
         model = AutoModelForCausalLM.from_pretrained(out / name)
         tokenizer = AutoTokenizer.from_pretrained(out / name)
         assert type(model.model.layers[0].mlp.down_proj).__name__ == kind
+        assert model.config.intermediate_size == (256 if name.startswith("pruned") else 384)
         inputs = tokenizer.apply_chat_template(
             prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
@@ -158,26 +178,29 @@ def test_rerun_keeps_complete_variants_and_publishes_each(workdir, quantized, mo
     recipe, out = quantized
     monkeypatch.chdir(workdir)  # the recipe's data paths are relative to it
     (args,) = parse_recipe("quantize", ["--config", str(recipe)])
-    assert all(variants.is_complete(args, variant) for variant in args.variants)
+    made = [(source, variant) for source in variants.sources(args) for variant in source.variants]
+    assert all(variants.is_complete(args, source, variant) for source, variant in made)
     # Run again: every variant is kept as it is and every checkpoint's measurement is reused.
     # (each variant's model card, README.md, is rewritten from the report: the weights and config are not)
     variant_files = [
         path
-        for variant in args.variants
-        for path in (out / variant.name).iterdir()
+        for source, variant in made
+        for path in variants.variant_dir(args, source, variant).iterdir()
         if path.name != "README.md"
     ]
     written = [path.stat().st_mtime_ns for path in variant_files]
     rerun = run_script(["quantize.py", "--config", str(recipe)], cwd=workdir)
     log = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, log[-3000:]
-    for variant in args.variants:
-        assert f"Variant {variant.name!r} is complete with these settings; kept" in log
-    assert log.count("already measured with these settings") == 1 + len(args.variants), log[-3000:]
+    for source, variant in made:
+        assert f"{source.variant_name(variant)!r} is complete with these settings; kept" in log
+    checkpoints = len(made) + len(variants.sources(args))
+    assert log.count("already measured with these settings") == checkpoints, log[-3000:]
     changed_files = [p.name for p, t in zip(variant_files, written, strict=True) if p.stat().st_mtime_ns != t]
     assert changed_files == [], changed_files
     (changed,) = parse_recipe("quantize", ["--config", str(recipe), "--calibration_samples", "8"])
-    assert [variants.is_complete(changed, v) for v in changed.variants] == [
+    original = variants.sources(changed)[0]
+    assert [variants.is_complete(changed, original, v) for v in changed.variants] == [
         v.method != "gptq" for v in changed.variants
     ]
     assert not any(out.glob("*.partial"))
@@ -186,7 +209,7 @@ def test_rerun_keeps_complete_variants_and_publishes_each(workdir, quantized, mo
         "quantize", ["--config", str(recipe), "--push_to_hub", "true", "--hub_model_id", "me/tiny"]
     )
     uploads = results.hub_uploads(publish)
-    assert [repo for repo, _ in uploads] == [f"me/tiny-{v.name}" for v in publish.variants]
+    assert [repo for repo, _ in uploads] == [f"me/tiny-{source.variant_name(v)}" for source, v in made]
     for _, folder in uploads:  # what would be uploaded: safetensors weights, no pickles, a card
         names = {f.name for f in folder.iterdir()}
         assert {"model.safetensors", "config.json", "README.md", "tokenizer.json"} <= names
@@ -210,15 +233,16 @@ def test_group_size_must_fit_the_layer_widths(tmp_path):
         "variants:\n  - {name: g128, method: gptq, bits: 4}\n  - {name: nf4, method: bitsandbytes, bits: 4}\n",
     )
     (args,) = parse_recipe("quantize", ["--config", str(recipe)])
-    widths = variants.quantized_layer_widths(args)
+    widths = variants.quantized_layer_widths(args.model_name_or_path, args.trust_remote_code)
     assert sorted(set(widths.values())) == [96, 256]
+    (original,) = variants.sources(args)
     with pytest.raises(
         variants.QuantizationError,
         match=r"'g128': group_size 128 does not divide.*Use a group size that divides them all \(32\)",
     ):
-        variants.check_group_sizes(args, widths)
+        variants.check_group_sizes(original, widths)
     args.variants[0].group_size = 32
-    variants.check_group_sizes(args, widths)
+    variants.check_group_sizes(original, widths)
 
 
 def test_recipe_mistakes_are_named(tmp_path):
@@ -239,7 +263,10 @@ def test_recipe_mistakes_are_named(tmp_path):
         "variants:\n"
         "  - {name: a, method: gptq, bits: 4}\n"
         "  - {name: b, method: bitsandbytes, bits: 8, quant_type: nf4}\n"
-        "  - {name: c, method: torchao, bits: 4}\n",
+        "  - {name: c, method: torchao, bits: 4}\n"
+        "compressed_models:\n"
+        "  - {name: a, path: " + str(tmp_path) + "}\n"
+        "  - {name: pruned, path: " + str(tmp_path) + ", variants: [gptq]}\n",
     )
     with pytest.raises(RecipeError) as error:
         parse_recipe("quantize", ["--config", str(recipe)])
@@ -248,6 +275,11 @@ def test_recipe_mistakes_are_named(tmp_path):
     assert "variants[2].bits: torchao quantizes to 8 bits, got 4" in message
     assert "calibration_datasets: GPTQ needs calibration text" in message
     assert "quality_metric: 'wikk.perplexity' is not a metric" in message and "did you mean 'wiki'" in message
+    assert "compressed_models[0].name: 'a' must be unique among the models and variants" in message
+    assert (
+        "compressed_models[1].variants: 'gptq' is not a variant of the recipe; they are: ['a', 'b', 'c']"
+        in message
+    )
 
 
 def test_gptq_extra_keeps_the_pinned_cpu_torch():

@@ -1,6 +1,6 @@
-"""The compression stages' recipes. Quantization: the model, the variants to make, calibration data, and
-how to score them. Pruning: the model, the sizes to cut it to, and the calibration data that ranks what
-stays.
+"""The compression stages' recipes. Quantization: the model, the smaller models made from it (pruned,
+distilled), the variants to make of each, calibration data, and how to score them. Pruning: the model,
+the sizes to cut it to, and the calibration data that ranks what stays.
 
 The evaluation keys (tasks, perplexity sets, batch size, ...) are the evaluation stage's own fields, so
 a quantize recipe scores its variants exactly as an eval recipe would.
@@ -107,6 +107,18 @@ class QuantVariant:
         return problems
 
 
+@dataclass
+class CompressedModel:
+    """A smaller model made from the quantization stage's model (pruned, distilled): measured beside it and
+    quantized with the recipe's variants, so that one table holds every way of making the model smaller."""
+
+    name: str = field(metadata={"help": "Its row in the report; its variants are named <name>-<variant>."})
+    path: str = field(metadata={"help": "Its model directory or Hub id."})
+    variants: list[str] | None = field(
+        default=None, metadata={"help": "Names of the recipe's variants to make of it (default: all)."}
+    )
+
+
 def _field_of(cls: type, name: str) -> Any:
     """Another recipe's field `name` (default and help), reused as a key of this one."""
     spec = next(f for f in dataclasses.fields(cls) if f.name == name)
@@ -144,6 +156,7 @@ class QuantizeArguments:
 
     nested_items: ClassVar[dict[str, type]] = {
         "variants": QuantVariant,
+        "compressed_models": CompressedModel,
         "calibration_datasets": DatasetSource,
         "perplexity": PerplexitySet,
     }
@@ -157,6 +170,13 @@ class QuantizeArguments:
     variants: list[dict] = field(
         default_factory=list,
         metadata={"help": "Variants to make, each a mapping with the keys of QuantVariant."},
+    )
+    compressed_models: list[dict] = field(
+        default_factory=list,
+        metadata={
+            "help": "Smaller models made from model_name_or_path (pruned, distilled), each a mapping with "
+            "the keys of CompressedModel: measured against it, and quantized with the variants."
+        },
     )
     calibration_datasets: list[dict] = field(
         default_factory=list,
@@ -214,6 +234,9 @@ class QuantizeArguments:
 
     def __post_init__(self) -> None:
         self.variants = [v if isinstance(v, QuantVariant) else QuantVariant(**v) for v in self.variants]
+        self.compressed_models = [
+            m if isinstance(m, CompressedModel) else CompressedModel(**m) for m in self.compressed_models
+        ]
         self.calibration_datasets = [as_source(item) for item in self.calibration_datasets]
         self.perplexity = [p if isinstance(p, PerplexitySet) else PerplexitySet(**p) for p in self.perplexity]
         if self.quality_metric is None and self.perplexity:
@@ -239,6 +262,7 @@ class QuantizeArguments:
             problems.append(Problem("variants", f"two variants are named {name!r}; names must be unique"))
         for index, variant in enumerate(self.variants):
             problems += variant.problems(f"variants[{index}]")
+        problems += self._compressed_model_problems(names)
         if any(v.method == "gptq" for v in self.variants) and not self.calibration_datasets:
             problems.append(
                 Problem(
@@ -280,6 +304,30 @@ class QuantizeArguments:
             [{"name": "original", "path": self.model_name_or_path}]
         ).recipe_problems()
         problems += [p for p in checks if p.key not in ("checkpoints", "tasks")]
+        return problems
+
+    def _compressed_model_problems(self, variant_names: list[str]) -> list[Problem]:
+        problems = []
+        taken = {"original", *variant_names}
+        for index, model in enumerate(self.compressed_models):
+            where = f"compressed_models[{index}]"
+            if "/" in model.name or model.name in ("", ".", "..") or model.name in taken:
+                problems.append(
+                    Problem(
+                        f"{where}.name",
+                        f"{model.name!r} must be unique among the models and variants and name a directory",
+                    )
+                )
+            taken.add(model.name)
+            for name in model.variants or []:
+                if name not in variant_names:
+                    problems.append(
+                        Problem(
+                            f"{where}.variants",
+                            f"{name!r} is not a variant of the recipe{did_you_mean(name, variant_names)}; "
+                            f"they are: {variant_names}",
+                        )
+                    )
         return problems
 
 

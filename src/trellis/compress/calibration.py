@@ -10,10 +10,10 @@ from trellis.compress.arguments import PruneArguments, QuantizeArguments
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(args: QuantizeArguments | PruneArguments):
+def load_tokenizer(model_name_or_path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    return AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
 
 
 def calibration_data(args: QuantizeArguments | PruneArguments, tokenizer) -> list[dict]:

@@ -1,5 +1,5 @@
-"""The quantization report (quality kept against size, the best variant), its plot, each variant's model
-card, and their upload to the Hub."""
+"""The quantization report (quality kept against size, the best variant, of the model and of the smaller
+models made from it), its plot, each variant's model card, and their upload to the Hub."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from pathlib import Path
 
 from trellis.compress.arguments import QuantizeArguments, QuantVariant
 from trellis.compress.measurement import MIB
-from trellis.compress.variants import ORIGINAL, QuantizationError, logger, variant_dir
+from trellis.compress.variants import (
+    ORIGINAL,
+    QuantizationError,
+    Source,
+    checkpoints,
+    logger,
+    variant_dir,
+)
 from trellis.core import hub
 from trellis.core.hub import CARD, upload_model
 from trellis.core.tables import markdown_table, number
@@ -48,9 +55,8 @@ def build_report(args: QuantizeArguments, results: dict[str, dict]) -> dict:
         raise QuantizationError(
             f"quality_metric {args.quality_metric!r} was not measured; the metrics are: {sorted(original['metrics'])}"
         )
-    settings = {ORIGINAL: {"method": "none", "dtype": args.dtype}} | {
-        v.name: v.settings() for v in args.variants
-    }
+    unquantized = {"method": "none", "dtype": args.dtype}
+    made_of = {checkpoint.name: (source, variant) for source, variant, checkpoint in checkpoints(args)}
     rows = {}
     for name, result in results.items():
         resources, base = result["resources"], original["resources"]
@@ -59,11 +65,11 @@ def build_report(args: QuantizeArguments, results: dict[str, dict]) -> dict:
             metric: retention(metrics.get(metric), value, higher_is_better.get(metric, True))
             for metric, value in original["metrics"].items()
         }
+        source, variant = made_of[name]
         rows[name] = {
-            "settings": settings[name],
-            "path": str(variant_dir(args, next(v for v in args.variants if v.name == name)))
-            if name != ORIGINAL
-            else args.model_name_or_path,
+            "model": source.name,
+            "settings": unquantized if variant is None else variant.settings(),
+            "path": source.path if variant is None else str(variant_dir(args, source, variant)),
             **resources,
             "size_ratio": _ratio(resources["size_bytes"], base["size_bytes"]),
             "load_memory_ratio": _ratio(resources["load_memory_bytes"], base["load_memory_bytes"]),
@@ -114,15 +120,16 @@ def describe(settings: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    """A row per checkpoint: size, load memory and speed (× the original), every metric (with the share of
-    the original kept), and the best variant marked."""
+    """A row per checkpoint: the model it is made of, size, load memory and speed (× the original), every
+    metric (with the share of the original kept), and the best variant marked."""
     rows, best = report["checkpoints"], report["best"]
     metrics = sorted(rows[ORIGINAL]["metrics"])
-    header = ["variant", "method", "size MiB (×)", "load MiB (×)", "tokens/s (×)", *metrics, "meets"]
+    header = ["variant", "model", "method", "size MiB (×)", "load MiB (×)", "tokens/s (×)", *metrics, "meets"]
     table = []
     for name, row in rows.items():
         cells = [
             f"**{name}** ★" if name == best else name,
+            row["model"],
             describe(row["settings"]),
             f"{_mib(row['size_bytes'])} ({number(row['size_ratio'], 3)})",
             f"{_mib(row['load_memory_bytes'])} ({number(row['load_memory_ratio'], 3)})",
@@ -144,8 +151,9 @@ def markdown(report: dict) -> str:
         "(×) is relative to the original; a metric's percentage is the share of the original's quality kept "
         "(variant / original, or original / variant where lower is better)."
     )
+    smaller = "Compression" if any(row["model"] != ORIGINAL for row in rows.values()) else "Quantization"
     return (
-        f"# Quantization of {report['model']}\n\n"
+        f"# {smaller} of {report['model']}\n\n"
         + markdown_table(header, table)
         + f"\n\n{verdict}\n\n{notes}\n"
     )
@@ -164,7 +172,8 @@ def plot(report: dict, path: Path) -> None:
             continue
         x, y = row["size_bytes"] / MIB, 100 * row["quality_retention"]
         best = name == report["best"]
-        color = "#9e9e9e" if name == ORIGINAL else "#d62728" if best else "#3f7fbf"
+        unquantized = row["settings"]["method"] == "none"
+        color = "#d62728" if best else "#9e9e9e" if unquantized else "#3f7fbf"
         axis.scatter([x], [y], s=90 if best else 40, color=color, marker="*" if best else "o", zorder=3)
         axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     axis.axhline(
@@ -202,18 +211,19 @@ _METHOD_TEXT = {
 }
 
 
-def model_card(args: QuantizeArguments, variant: QuantVariant, report: dict):
+def model_card(args: QuantizeArguments, source: Source, variant: QuantVariant, report: dict):
     """The variant's README.md: method, settings, and its measured quality and size against the original."""
     from huggingface_hub import ModelCardData
 
     from trellis.evaluate import comparison
 
-    row, original = report["checkpoints"][variant.name], report["checkpoints"][ORIGINAL]
+    name = source.variant_name(variant)
+    row, original = report["checkpoints"][name], report["checkpoints"][ORIGINAL]
     sources = {p.label: p.path for p in args.perplexity}
-    local_input = os.path.exists(args.model_name_or_path)
+    local_input = os.path.exists(source.path)
     data = ModelCardData(
-        model_name=variant.name,
-        base_model=None if local_input else args.model_name_or_path,
+        model_name=name,
+        base_model=None if local_input else source.path,
         eval_results=comparison.eval_results(row["metrics"], sources),
         tags=["trellis", "quantized", variant.method, f"{variant.bits}-bit"],
         library_name="transformers",
@@ -221,7 +231,7 @@ def model_card(args: QuantizeArguments, variant: QuantVariant, report: dict):
     settings = markdown_table(["setting", "value"], list(variant.settings().items()))
     kept = "-" if row["quality_retention"] is None else number(100 * row["quality_retention"])
     meets = "meets it" if row["meets_threshold"] else "does not meet it"
-    where = f"{args.hub_model_id}-{variant.name}" if args.hub_model_id else str(variant_dir(args, variant))
+    where = f"{args.hub_model_id}-{name}" if args.hub_model_id else str(variant_dir(args, source, variant))
     serve = (
         f"\n\nServe it with vLLM: `vllm serve {where}`, or TGI: `--quantize gptq`."
         if variant.method == "gptq"
@@ -238,8 +248,12 @@ def model_card(args: QuantizeArguments, variant: QuantVariant, report: dict):
         f'model = AutoModelForCausalLM.from_pretrained("{where}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n```{serve}',
     }
-    summary = f"A quantized version of `{args.model_name_or_path}`, made by the Trellis quantization stage."
-    return hub.model_card(data, variant.name, sections, summary)
+    summary = f"A quantized version of `{source.path}`, made by the Trellis quantization stage."
+    if source.name != ORIGINAL:
+        summary += (
+            f" That model ({source.name!r}) was made smaller from `{args.model_name_or_path}`, the original."
+        )
+    return hub.model_card(data, name, sections, summary)
 
 
 def _against_original(row: dict, original: dict) -> str:
@@ -279,14 +293,21 @@ def _against_original(row: dict, original: dict) -> str:
     )
 
 
+def _variants(args: QuantizeArguments) -> list[tuple[Source, QuantVariant]]:
+    return [(source, variant) for source, variant, _ in checkpoints(args) if variant is not None]
+
+
 def write_model_cards(args: QuantizeArguments, report: dict) -> None:
-    for variant in args.variants:
-        model_card(args, variant, report).save(variant_dir(args, variant) / CARD)
+    for source, variant in _variants(args):
+        model_card(args, source, variant, report).save(variant_dir(args, source, variant) / CARD)
 
 
 def hub_uploads(args: QuantizeArguments) -> list[tuple[str, Path]]:
     """(repository, directory) of every variant: <hub_model_id>-<name>."""
-    return [(f"{args.hub_model_id}-{v.name}", variant_dir(args, v)) for v in args.variants]
+    return [
+        (f"{args.hub_model_id}-{source.variant_name(v)}", variant_dir(args, source, v))
+        for source, v in _variants(args)
+    ]
 
 
 def push_to_hub(args: QuantizeArguments, api=None) -> None:

@@ -1,4 +1,5 @@
-"""Quantized variants of a trained model, and what each costs in quality and saves in size.
+"""Quantized variants of a trained model (and of the smaller models made from it, pruned or distilled), and
+what each costs in quality and saves in size.
 
 Each variant is made by loading the model with a transformers quantization config (GPTQConfig, which
 runs GPTQModel on calibration text; BitsAndBytesConfig; TorchAoConfig) and saved as a model directory
@@ -16,9 +17,10 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from trellis.compress.arguments import PruneArguments, QuantizeArguments, QuantVariant
+from trellis.compress.arguments import QuantizeArguments, QuantVariant
 from trellis.core.errors import TrellisError
 from trellis.core.hashing import content_hash
 from trellis.core.recipe import local_path_problem
@@ -38,20 +40,49 @@ class QuantizationError(TrellisError):
 # --- checks before anything heavy loads --------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Source:
+    """A model the variants are made of: the original, or a smaller model made from it."""
+
+    name: str
+    path: str
+    variants: tuple[QuantVariant, ...]
+
+    def variant_name(self, variant: QuantVariant) -> str:
+        return variant.name if self.name == ORIGINAL else f"{self.name}-{variant.name}"
+
+
+def sources(args: QuantizeArguments) -> list[Source]:
+    """The original, then each compressed model, with the variants to make of each."""
+    original = Source(ORIGINAL, args.model_name_or_path, tuple(args.variants))
+    return [
+        original,
+        *(
+            Source(
+                m.name, m.path, tuple(v for v in args.variants if m.variants is None or v.name in m.variants)
+            )
+            for m in args.compressed_models
+        ),
+    ]
+
+
 def check_input(args: QuantizeArguments) -> None:
     if message := local_path_problem(args.model_name_or_path, "model directory"):
         raise QuantizationError(f"model_name_or_path: {message}")
+    for index, model in enumerate(args.compressed_models):
+        if message := local_path_problem(model.path, "model directory"):
+            raise QuantizationError(f"compressed_models[{index}].path: {message}")
 
 
-def quantized_layer_widths(args: QuantizeArguments) -> dict[str, int]:
+def quantized_layer_widths(path: str, trust_remote_code: bool) -> dict[str, int]:
     """Input width of every linear layer GPTQ quantizes (those inside the transformer blocks), read from
     the model's config on the meta device, without loading weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     output_layer = model.get_output_embeddings()
     return {
         name: module.in_features
@@ -60,11 +91,11 @@ def quantized_layer_widths(args: QuantizeArguments) -> dict[str, int]:
     }
 
 
-def check_group_sizes(args: QuantizeArguments, widths: dict[str, int]) -> None:
+def check_group_sizes(source: Source, widths: dict[str, int]) -> None:
     """Every GPTQ group must fit its layers: a group size that does not divide a layer's input width
     leaves a ragged group that GPTQ kernels (and vLLM) cannot pack."""
     problems = []
-    for variant in args.variants:
+    for variant in source.variants:
         group_size = variant.setting("group_size") if variant.method == "gptq" else -1
         if group_size == -1:
             continue
@@ -80,17 +111,18 @@ def check_group_sizes(args: QuantizeArguments, widths: dict[str, int]) -> None:
                 "(one group per row)"
             )
     if problems:
-        raise QuantizationError("\n  ".join(["group sizes:", *problems]))
+        model = "" if source.name == ORIGINAL else f" of {source.name!r}"
+        raise QuantizationError("\n  ".join([f"group sizes{model}:", *problems]))
 
 
 # --- making a variant ----------------------------------------------------------------------------------
 
 
-def input_fingerprint(args: QuantizeArguments | PruneArguments) -> dict:
+def input_fingerprint(model_name_or_path: str) -> dict:
     """The input model: a local directory by its files' sizes and modification times, a Hub id by name."""
-    path = Path(args.model_name_or_path)
+    path = Path(model_name_or_path)
     if not path.is_dir():
-        return {"model": args.model_name_or_path}
+        return {"model": model_name_or_path}
     # Later stages write into the model's card and run record; neither changes the weights.
     files = {
         f.name: [f.stat().st_size, f.stat().st_mtime_ns]
@@ -100,9 +132,9 @@ def input_fingerprint(args: QuantizeArguments | PruneArguments) -> dict:
     return {"model": str(path.resolve()), "files": content_hash(files)}
 
 
-def variant_key(args: QuantizeArguments, variant: QuantVariant) -> str:
+def variant_key(args: QuantizeArguments, source: Source, variant: QuantVariant) -> str:
     """Changes when the input model, the variant's settings or (for GPTQ) the calibration data change."""
-    state = {"input": input_fingerprint(args), "settings": variant.settings(), "dtype": args.dtype}
+    state = {"input": input_fingerprint(source.path), "settings": variant.settings(), "dtype": args.dtype}
     if variant.method == "gptq":
         state["calibration"] = {
             "datasets": [vars(source) for source in args.calibration_datasets],
@@ -113,14 +145,16 @@ def variant_key(args: QuantizeArguments, variant: QuantVariant) -> str:
     return content_hash(state)
 
 
-def variant_dir(args: QuantizeArguments, variant: QuantVariant) -> Path:
-    return Path(args.output_dir) / variant.name
+def variant_dir(args: QuantizeArguments, source: Source, variant: QuantVariant) -> Path:
+    return Path(args.output_dir) / source.variant_name(variant)
 
 
-def is_complete(args: QuantizeArguments, variant: QuantVariant) -> bool:
+def is_complete(args: QuantizeArguments, source: Source, variant: QuantVariant) -> bool:
     """The variant's directory holds a finished variant made from the same input with the same settings."""
-    record = variant_dir(args, variant) / VARIANT_RECORD
-    return record.is_file() and json.loads(record.read_text()).get("key") == variant_key(args, variant)
+    record = variant_dir(args, source, variant) / VARIANT_RECORD
+    return record.is_file() and json.loads(record.read_text()).get("key") == variant_key(
+        args, source, variant
+    )
 
 
 def quantization_config(variant: QuantVariant, calibration: list[dict] | None, tokenizer):
@@ -168,19 +202,21 @@ def _gptq_for_serving(model) -> None:
     config.dataset, config.tokenizer = None, None
 
 
-def quantize_variant(args: QuantizeArguments, variant: QuantVariant, tokenizer, calibration) -> Path:
-    """Make the variant and save it to output_dir/<name>/, written whole or not at all."""
+def quantize_variant(
+    args: QuantizeArguments, source: Source, variant: QuantVariant, tokenizer, calibration
+) -> Path:
+    """Make the variant of the source model and save it to output_dir/<name>/, written whole or not at all."""
     from transformers import AutoModelForCausalLM
 
     from trellis.train.models import kbit_device_map, torch_dtype
 
-    final = variant_dir(args, variant)
+    final = variant_dir(args, source, variant)
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    logger.info("Quantizing %r: %s", variant.name, variant.settings())
+    logger.info("Quantizing %r: %s", final.name, variant.settings())
     start = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path,
+        source.path,
         quantization_config=quantization_config(variant, calibration, tokenizer),
         dtype=torch_dtype(args.dtype),
         device_map=kbit_device_map(),
@@ -191,18 +227,30 @@ def quantize_variant(args: QuantizeArguments, variant: QuantVariant, tokenizer, 
         _gptq_for_serving(model)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    record = {"key": variant_key(args, variant), "settings": variant.settings(), "seconds": round(seconds, 1)}
-    record["input"] = input_fingerprint(args)
+    record = {
+        "key": variant_key(args, source, variant),
+        "settings": variant.settings(),
+        "seconds": round(seconds, 1),
+        "input": input_fingerprint(source.path),
+    }
     (partial / VARIANT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
-    logger.info("Saved %r to %s (%.1f s)", variant.name, final, seconds)
+    logger.info("Saved %r to %s (%.1f s)", final.name, final, seconds)
     return final
 
 
-def checkpoints(args: QuantizeArguments) -> list[Checkpoint]:
-    """The original and every variant, as the evaluation stage's checkpoints."""
+def checkpoints(args: QuantizeArguments) -> list[tuple[Source, QuantVariant | None, Checkpoint]]:
+    """Each source model, then its variants, as the evaluation stage's checkpoints, with what each is made
+    of: the source, and the variant (None for the source itself)."""
     return [
-        Checkpoint(name=ORIGINAL, path=args.model_name_or_path),
-        *(Checkpoint(name=v.name, path=str(variant_dir(args, v))) for v in args.variants),
+        made
+        for source in sources(args)
+        for made in (
+            (source, None, Checkpoint(name=source.name, path=source.path)),
+            *(
+                (source, v, Checkpoint(name=source.variant_name(v), path=str(variant_dir(args, source, v))))
+                for v in source.variants
+            ),
+        )
     ]
