@@ -1,6 +1,7 @@
 """Distillation of a teacher into a student, in one of two modes:
-- logit: the student trained towards the teacher's next-token distributions on chat data, with TRL's
-  GKDTrainer (forward or reverse KL, or generalized Jensen-Shannon; optionally on the student's samples);
+- logit: the student trained towards the teacher's next-token distributions on chat data's answers or on
+  every token of plain text, with TRL's GKDTrainer (forward or reverse KL, or generalized Jensen-Shannon;
+  on chat data optionally on the student's samples);
 - cot (chain of thought): the student trained on the teacher's worked answers (the generate stage's
   output), with TRL's SFTTrainer; `answers_only` keeps only the final answers, the baseline.
 
@@ -48,6 +49,7 @@ def main() -> None:
             teacher_args = dataclasses.replace(
                 model_args, model_name_or_path=training_args.teacher_model_name_or_path, model_config=None
             )
+            dataset, collator = distillation.text_collator(training_args, dataset, tokenizer)
             teacher = models.load_model(
                 teacher_args, tokenizer, trust_remote_code=training_args.trust_remote_code
             )
@@ -55,6 +57,7 @@ def main() -> None:
                 model=model,
                 teacher_model=teacher,
                 args=training_args,
+                data_collator=collator,
                 train_dataset=dataset["train"],
                 eval_dataset=dataset.get("test"),
                 processing_class=tokenizer,

@@ -1,6 +1,6 @@
-"""The distill stage: a pruned student learns its teacher's distributions; a small student learns a teacher's
-reasoning from its checked worked answers, which final answers alone do not teach; a teacher it cannot
-learn from is refused before training."""
+"""The distill stage: a pruned student learns its teacher's distributions; on text, it learns more from them
+than from the text itself; a small student learns a teacher's reasoning from its checked worked answers,
+which final answers alone do not teach; a teacher it cannot learn from is refused before training."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import REPO, read_jsonl, run_script, run_stage, write_recipe
-from transformers import AutoConfig, AutoModelForCausalLM
+import yaml
+from conftest import REPO, prune_in_process, read_jsonl, run_script, run_stage, write_recipe
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trellis.core.recipe import RecipeError
+from trellis.evaluate.perplexity import evaluate_perplexity
 from trellis.stages import parse_recipe
 from trellis.train import distillation, generation
 
@@ -84,6 +86,81 @@ def test_a_distill_recipe_without_a_teacher_is_refused(tmp_path):
     path = write_recipe(tmp_path / "distill.yaml", recipe)
     with pytest.raises(RecipeError, match="teacher_model_name_or_path: required in logit mode"):
         parse_recipe("distill", ["--config", str(path)], check_paths=False)
+
+
+def compression_pipeline_recipe(workdir: Path, stage: str, **keys) -> Path:
+    """A stage's recipe as recipes/tiny/pipeline_compression.yaml runs it (its overrides applied), with
+    `keys` in place of its references to earlier stages."""
+    pipeline = yaml.safe_load((REPO / "recipes/tiny/pipeline_compression.yaml").read_text())
+    entry = next(entry for entry in pipeline["stages"] if entry["name"] == stage)
+    recipe = yaml.safe_load((REPO / entry["recipe"]).read_text()) | entry.get("overrides", {}) | keys
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    assert "${" not in text, text
+    return write_recipe(workdir / "recipes-under-test" / f"{stage}.yaml", text)
+
+
+def _held_out_perplexity(workdir: Path, model_dir: Path) -> float:
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        AutoTokenizer.from_pretrained(model_dir),
+    )
+    texts = [row["text"] for row in read_jsonl(workdir / "data/tiny/corpus/validation.jsonl")]
+    return evaluate_perplexity(model, tokenizer, texts, max_length=128, stride=64, batch_size=32)[
+        "perplexity"
+    ]
+
+
+# Held-out corpus perplexity of the pruned model distilled from the unpruned one on a transfer set of the
+# corpus, over the same model trained on that text itself (same data, steps and learning rate, as the
+# compression pipeline's last stages; here a hundredth of the corpus, 30 documents, and 100 steps where the
+# pipeline takes a tenth and 300): 0.597 / 0.634 / 0.717 (seeds 0-4, 1 and 2 threads; spread 0.12). The
+# effect (1 - ratio, median 0.37) is 3.0x the spread; the worst run is 1.5x the spread below the bound.
+DISTILL_TEXT_RATIO_BOUND = 0.9  # BOUND distill-text
+TRANSFER_SHARE = 0.01
+
+
+def test_on_text_a_pruned_student_learns_more_from_its_teacher_than_from_the_text(
+    workdir, language_model, seed, tmp_path_factory, record_property
+):
+    root = tmp_path_factory.mktemp("distill-text")
+    student = prune_in_process(workdir, language_model, root / "student", num_hidden_layers=1)
+    models = {name: root / name for name in ("distilled", "trained")}
+    steps = ["--max_steps", "100", "--eval_steps", "100", "--save_steps", "100", "--seed", str(seed)]
+    transfer = {"datasets": [{"path": "data/tiny/corpus/train.jsonl", "weight": TRANSFER_SHARE}]}
+    distill = compression_pipeline_recipe(
+        workdir,
+        "distill_pretrained",
+        model_name_or_path=str(student),
+        teacher_model_name_or_path=str(language_model),
+        **transfer,
+    )
+    run_stage(workdir, "distill", models["distilled"], *steps, recipe=str(distill))
+    train = compression_pipeline_recipe(
+        workdir, "train_pretrained", model_name_or_path=str(student), **transfer
+    )
+    run_stage(workdir, "sft", models["trained"], *steps, recipe=str(train))
+
+    perplexity = {name: _held_out_perplexity(workdir, path) for name, path in models.items()}
+    perplexity |= {
+        name: _held_out_perplexity(workdir, path)
+        for name, path in (("student", student), ("teacher", language_model))
+    }
+    for name, value in perplexity.items():
+        record_property(f"{name}_perplexity", value)
+    ratio = perplexity["distilled"] / perplexity["trained"]
+    record_property("distilled_over_trained", ratio)
+    # The teacher's distributions teach; 53 epochs of 30 documents' tokens overfit (seed 1: worse than before)
+    assert perplexity["distilled"] < perplexity["student"], perplexity
+    assert ratio < DISTILL_TEXT_RATIO_BOUND, perplexity
+
+
+def test_plain_text_has_no_prompts_for_on_policy_distillation():
+    args = distillation.DistillConfig(
+        output_dir="unused", lmbda=0.5, teacher_model_name_or_path="t", bf16=False
+    )
+    data = datasets.DatasetDict(train=datasets.Dataset.from_list([{"text": "Pepe lives in Oslo."}]))
+    with pytest.raises(distillation.DistillationError, match="plain text has none; set lmbda: 0"):
+        distillation.text_collator(args, data, tokenizer=None)
 
 
 # Held-out two-step exact match of the student (a quarter of the teacher's size) trained on the teacher's

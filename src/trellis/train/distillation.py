@@ -1,7 +1,9 @@
 """The distill stage's two modes.
 
 - `logit`: TRL's GKDTrainer (generalized knowledge distillation), a student trained towards a teacher's
-  next-token distributions over the chat data's answers.
+  next-token distributions over the chat data's answers, or over every token of plain text (a `text`
+  column, e.g. pretraining documents: distillation as a pruned model's recovery or a small model's
+  pretraining).
 - `cot` (chain of thought): the student is trained, as in SFT, on a teacher's worked answers (the generate
   stage's output, checked or scored there): the teacher speaks through the data, so it needs no shared
   tokenizer. `answers_only` trains on the final answers alone, the baseline that shows what the reasoning
@@ -22,7 +24,14 @@ from trl.experimental.gkd import GKDTrainer
 from trellis.core.errors import TrellisError
 from trellis.core.recipe import Problem
 
-__all__ = ["DistillConfig", "DistillationError", "GKDTrainer", "check_teacher", "final_answers_only"]
+__all__ = [
+    "DistillConfig",
+    "DistillationError",
+    "GKDTrainer",
+    "check_teacher",
+    "final_answers_only",
+    "text_collator",
+]
 
 
 class DistillationError(TrellisError):
@@ -109,3 +118,25 @@ def check_teacher(args: DistillConfig, student_vocab_size: int) -> None:
             "distributions over one vocabulary. Pick a teacher of the student's family (same tokenizer), "
             "or distil through generated answers instead (the generate stage, then SFT)."
         )
+
+
+def text_collator(args: DistillConfig, dataset, tokenizer):
+    """For plain text (a `text` column): the dataset tokenized (each record cut at max_length) and a
+    collator whose labels are every token, so the student matches the teacher's distribution everywhere.
+    None for conversations, which GKD's own collator renders with the chat template."""
+    if "text" not in dataset["train"].column_names:
+        return dataset, None
+    if args.lmbda > 0 or args.seq_kd:
+        raise DistillationError(
+            f"lmbda: {args.lmbda}, seq_kd: {args.seq_kd}: on-policy and sequence-level distillation generate "
+            "answers to prompts, and plain text has none; set lmbda: 0 and seq_kd: false, or distil on "
+            "conversations"
+        )
+    from transformers import DataCollatorForLanguageModeling
+
+    def tokenize(batch: dict) -> dict:
+        return tokenizer(batch["text"], truncation=True, max_length=args.max_length)
+
+    columns = dataset["train"].column_names
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=columns, desc="Tokenizing the text")
+    return tokenized, DataCollatorForLanguageModeling(tokenizer, mlm=False)
