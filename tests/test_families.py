@@ -137,7 +137,7 @@ NOT_EXERCISED = {
     "generation_tokens", "min_quality_retention",
 }  # fmt: skip
 # A recipe's stage: its name's prefix. pipeline.yaml chains the others (test_family_pipeline_...).
-ORDER = ("data", "pretrain", "sft", "reward", "dpo", "ppo", "eval", "quantize")
+ORDER = ("data", "pretrain", "sft", "prune", "distill", "reward", "dpo", "ppo", "eval", "quantize")
 
 
 def load_recipes(fam: Family) -> dict[str, dict]:
@@ -168,8 +168,11 @@ def recipes_to_train(fam: Family) -> list[str]:
     return [name for name in recipes if name in needed]
 
 
+MODEL_PATHS = ("model_name_or_path", "teacher_model_name_or_path", "reward_model_path", "dataset_path")
+
+
 def stage_inputs(values: dict) -> list[str]:
-    paths = [values.get(key) for key in ("model_name_or_path", "reward_model_path", "dataset_path")]
+    paths = [values.get(key) for key in MODEL_PATHS]
     return [path for path in paths + [c.get("path") for c in values.get("checkpoints", [])] if path]
 
 
@@ -192,7 +195,7 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
     trained = recipes_to_train(fam)
     for name in trained:
         values, stage = recipes[name], name.split("_")[0]
-        paths = {key: local(values[key]) for key in ("model_name_or_path", "reward_model_path", "dataset_path", "output_dir") if key in values}  # fmt: skip
+        paths = {key: local(values[key]) for key in (*MODEL_PATHS, "output_dir") if key in values}
         if stage == "data":
             tiny_filters = yaml.safe_load((REPO / "recipes" / "tiny" / "data.yaml").read_text())
             overrides = {
@@ -203,6 +206,17 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
                 "block_size": 64,
                 "validation_fraction": 0.1,
                 "num_proc": 1,
+            }
+        elif stage == "prune":  # the recipe's cuts, scaled to the tiny copy's sizes
+            tiny = json.loads((base / "config.json").read_text())
+            cuts = ("num_hidden_layers", "intermediate_size", "num_key_value_heads")
+            overrides = {
+                **{key: max(1, tiny[key] * values[key] // fam.config[key]) for key in cuts if key in values},
+                "calibration_datasets": [MESSAGES],
+                "calibration_samples": 8,
+                "calibration_max_length": 64,
+                "perplexity": [{"label": "tiny", "path": "data/tiny/corpus/validation.jsonl", "limit": 8}],
+                "dtype": "float32",
             }
         elif stage == "pretrain":  # EMA is cheap to keep; checkpoint averaging is tests/test_pretrain.py's
             overrides = {**TRAIN, "ema_start_step": 0, "average_last_checkpoints": 0}
@@ -228,8 +242,12 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
                 "generation_tokens": 4,
             }
         else:
-            source = {"sft": MESSAGES, "reward": PAIRS, "dpo": PAIRS, "ppo": PROMPTS}[stage]
+            source = {"sft": MESSAGES, "distill": MESSAGES, "reward": PAIRS, "dpo": PAIRS, "ppo": PROMPTS}[
+                stage
+            ]
             overrides = {**CHAT_STAGE, "datasets": [source], "eval_datasets": [held_out(source)]}
+        if stage == "distill":  # on-policy batches (the student writes answers) run, briefly
+            overrides.update(max_new_tokens=8)
         if stage == "ppo":
             del overrides["max_steps"]
             overrides.update(
@@ -252,6 +270,8 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
             )
         if stage == "pretrain":
             assert {"eval", "eval_ema"} <= set(record["metrics"])
+        if stage == "prune":
+            assert record["metrics"]["pruned"]["parameter_share"] < 1
         if stage == "eval":
             assert set(record["metrics"]) >= {c["name"] for c in values["checkpoints"]}
         if stage == "quantize":  # every variant made, and GPTQ with the recipe's settings
@@ -336,14 +356,14 @@ def test_quantize_group_sizes_fit_the_real_model(fam: Family, tmp_path):
     recipe = REPO / "recipes" / fam.name / "quantize.yaml"
     argv = ["--config", str(recipe), "--model_name_or_path", str(tmp_path)]
     (args,) = parse_recipe("quantize", argv, check_paths=False)
-    widths = variants.quantized_layer_widths(args)
+    widths = variants.quantized_layer_widths(args.model_name_or_path, args.trust_remote_code)
     assert {fam.config["hidden_size"], fam.config["intermediate_size"]} <= set(widths.values())
     assert any(variant.method == "gptq" for variant in args.variants)
-    variants.check_group_sizes(args, widths)
+    variants.check_group_sizes(variants.sources(args)[0], widths)
     if any(width % 128 for width in widths.values()):  # SmolLM2 135M/360M (576, 960): the check can fail
         args.variants = [dataclasses.replace(v, group_size=128) for v in args.variants if v.method == "gptq"]
         with pytest.raises(variants.QuantizationError, match="does not divide"):
-            variants.check_group_sizes(args, widths)
+            variants.check_group_sizes(variants.sources(args)[0], widths)
 
 
 def num_processes(accelerate_config: str) -> int:

@@ -154,3 +154,15 @@ def test_a_recipe_without_cuts_or_calibration_is_refused(tmp_path):
     with pytest.raises(RecipeError) as error:
         parse_recipe("prune", ["--config", str(recipe)], check_paths=False)
     assert "nothing to prune" in str(error.value) and "calibration_datasets: required" in str(error.value)
+
+
+def test_key_value_groups_whose_query_heads_do_not_divide_the_hidden_size_are_refused():
+    """SmolLM2-1.7B (hidden 2048, 32 heads, a key/value head each) cut to 24 groups: transformers would refuse
+    the pruned config after the weights were cut, so the cut is refused first, with the counts that fit."""
+    config = AutoConfig.for_model("llama", hidden_size=2048, num_attention_heads=32, num_key_value_heads=32)
+    with pytest.raises(
+        pruning.PruningError,
+        match=r"24 query heads, which do not divide .* pick one of \[1, 2, 4, 8, 16, 32\]",
+    ):
+        pruning.check_model(config, {"num_key_value_heads": 24})
+    pruning.check_model(config, {"num_key_value_heads": 16})

@@ -58,6 +58,18 @@ def check_model(config, cuts: dict[str, int]) -> None:
             raise PruningError(
                 f"{key}: {value} is more than the model has ({have}); set it to at most {have}"
             )
+    if "num_key_value_heads" in cuts:
+        # transformers refuses a config whose query heads do not divide its hidden size, head_dim or not
+        per_group = config.num_attention_heads // config.num_key_value_heads
+        fits = [
+            n for n in range(1, config.num_key_value_heads + 1) if config.hidden_size % (n * per_group) == 0
+        ]
+        if cuts["num_key_value_heads"] not in fits:
+            raise PruningError(
+                f"num_key_value_heads: {cuts['num_key_value_heads']} groups keep "
+                f"{cuts['num_key_value_heads'] * per_group} query heads, which do not divide the hidden size "
+                f"({config.hidden_size}), and transformers refuses such a config; pick one of {fits}"
+            )
 
 
 @dataclass
