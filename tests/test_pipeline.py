@@ -344,6 +344,14 @@ def test_tiny_reasoning_pipeline_is_valid(workdir, monkeypatch):
     assert pipeline.stage("eval").depends_on == ["teacher", "distill_cot", "distill_answers"]
 
 
+def test_tiny_compression_pipeline_is_valid(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    pipeline = load_pipeline(str(REPO / "recipes" / "tiny" / "pipeline_compression.yaml"))
+    assert pipeline.stage("distill").depends_on == ["sft", "distill_text"]
+    assert pipeline.stage("quantize").depends_on == ["sft", "prune", "distill"]
+    assert pipeline.stage("train_pretrained").depends_on == ["prune_pretrained"]
+
+
 def test_report_of_an_evaluation_only_pipeline_copies_its_plots(tmp_path):
     from trellis.evaluate.comparison import RESULTS_JSON, comparison, plot_file_name
     from trellis.pipeline.report import PLOTS, build_report
