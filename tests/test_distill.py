@@ -100,14 +100,11 @@ def compression_pipeline_recipe(workdir: Path, stage: str, **keys) -> Path:
 
 
 def _held_out_perplexity(workdir: Path, model_dir: Path) -> float:
-    model, tokenizer = (
-        AutoModelForCausalLM.from_pretrained(model_dir),
-        AutoTokenizer.from_pretrained(model_dir),
-    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [row["text"] for row in read_jsonl(workdir / "data/tiny/corpus/validation.jsonl")]
-    return evaluate_perplexity(model, tokenizer, texts, max_length=128, stride=64, batch_size=32)[
-        "perplexity"
-    ]
+    scores = evaluate_perplexity(model, tokenizer, texts, max_length=128, stride=64, batch_size=32)
+    return scores["perplexity"]
 
 
 # Held-out corpus perplexity of the pruned model distilled from the unpruned one on a transfer set of the

@@ -266,7 +266,9 @@ def test_recipe_mistakes_are_named(tmp_path):
         "  - {name: c, method: torchao, bits: 4}\n"
         "compressed_models:\n"
         "  - {name: a, path: " + str(tmp_path) + "}\n"
-        "  - {name: pruned, path: " + str(tmp_path) + ", variants: [gptq]}\n",
+        "  - {name: pruned, path: " + str(tmp_path) + ", variants: [gptq]}\n"
+        "  - {name: x, path: " + str(tmp_path) + "}\n"
+        "  - {name: x-a, path: " + str(tmp_path) + ", variants: [b]}\n",
     )
     with pytest.raises(RecipeError) as error:
         parse_recipe("quantize", ["--config", str(recipe)])

@@ -319,6 +319,14 @@ class QuantizeArguments:
                     )
                 )
             taken.add(model.name)
+            clashes = [
+                f"{model.name}-{v}" for v in (model.variants or variant_names) if f"{model.name}-{v}" in taken
+            ]
+            if clashes:
+                problems.append(
+                    Problem(f"{where}.name", f"its variants' names {clashes} are taken; rename it")
+                )
+            taken.update(f"{model.name}-{v}" for v in (model.variants or variant_names))
             for name in model.variants or []:
                 if name not in variant_names:
                     problems.append(
