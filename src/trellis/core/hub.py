@@ -90,3 +90,26 @@ def model_card(data, title: str, sections: dict[str, str], summary: str = ""):
     return ModelCard.from_template(
         data, template_path=str(CARD_TEMPLATE), title=title, summary=summary, sections=sections
     )
+
+
+def vllm_usage(where: str) -> str:
+    """A card's section on serving a transformers model (a directory or a Hub repository) with vLLM."""
+    request = f'{{"model": "{where}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+    return (
+        "Serve it with vLLM's OpenAI-compatible server, then ask it with any OpenAI client:\n\n"
+        f"```bash\nvllm serve {where}\ncurl localhost:8000/v1/chat/completions -H 'Content-Type: "
+        f"application/json' -d '{request}'\n```\n\n"
+        "For llama.cpp (and the tools built on it), the export stage writes GGUF files: "
+        "`scripts/export.py --config recipes/<model>/export.yaml`."
+    )
+
+
+def llama_cpp_usage(file: str) -> str:
+    """A card's section on running a GGUF file with llama.cpp (its chat template is in the file)."""
+    return (
+        f"```bash\nllama-cli -m {file} -cnv             # chat in the terminal\n"
+        f"llama-server -m {file} --port 8080     # an OpenAI-compatible server\n```\n\n"
+        "From Python, with llama-cpp-python:\n\n"
+        f'```python\nfrom llama_cpp import Llama\n\nllm = Llama(model_path="{file}")\n'
+        'llm.create_chat_completion(messages=[{"role": "user", "content": "Hello"}])\n```'
+    )

@@ -386,7 +386,13 @@ def check_local_paths(parsed: list[Any]) -> list[Problem]:
             ("quality_model", "model directory"),
         ):
             may_be_hub_id.append((key, getattr(obj, key, None), what))
-        for key in ("datasets", "eval_datasets", "decontamination_datasets", "calibration_datasets"):
+        for key in (
+            "datasets",
+            "eval_datasets",
+            "decontamination_datasets",
+            "calibration_datasets",
+            "check_datasets",
+        ):
             for index, source in enumerate(getattr(obj, key, None) or []):
                 may_be_hub_id.append((f"{key}[{index}].path", source.path, "dataset file or directory"))
         model_config, template = getattr(obj, "model_config", None), getattr(obj, "chat_template", None)

@@ -115,6 +115,7 @@ def card_for(folder: str, options: dict, pipeline: Pipeline, state: dict) -> str
         else f"trained from scratch (model config `{start.get('model_config')}`)",
         "Training data": "\n".join(f"- `{path}` ({stage})" for path, stage in sources) or "-",
         "Lineage": _lineage(lineage, pipeline, state),
+        "Run it": hub.vllm_usage(options["repo_id"]),
         "Recipes": "The exact recipe of each stage (overrides and references resolved):\n\n"
         + "\n\n".join(
             f"### {s.name}\n\n```yaml\n{yaml.safe_dump(s.resolved, sort_keys=False)}```" for s in lineage

@@ -24,9 +24,10 @@ from trellis.pipeline.seed_table import SWEEP_DIR, read_sweep
 from trellis.pipeline.seed_table import markdown as sweep_markdown
 from trellis.pipeline.spec import PIPELINE_RUN
 from trellis.pipeline.verdicts import stage_metrics
+from trellis.stages import STAGES
 
 REPORT_MARKDOWN, REPORT_HTML, PLOTS = "report.md", "report.html", "report_plots"
-QUANTIZATION_FILES = ("quantization_report.md", "quality_vs_size.png")
+QUANTIZATION_PLOT = "quality_vs_size.png"
 
 
 def trainer_log_history(output_dir: str) -> list[dict]:
@@ -210,10 +211,11 @@ def _stage_extras(kind: str, output_dir: str, plots: Path, name: str) -> list[st
                 shutil.copy(image, plots / f"{name}_{image.name}")
                 extras.append(f"![{metric}]({PLOTS}/{name}_{image.name})")
         extras.append("")
+    report = STAGES[kind].report if kind in STAGES else None
+    if report and (out / report).exists():
+        extras += [(out / report).read_text(), ""]
     if kind == "quantize":
-        report, plot = (out / f for f in QUANTIZATION_FILES)
-        if report.exists():
-            extras += [report.read_text(), ""]
+        plot = out / QUANTIZATION_PLOT
         if plot.exists():
             shutil.copy(plot, plots / f"{name}_{plot.name}")
             extras += [f"![quality vs size]({PLOTS}/{name}_{plot.name})", ""]

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
-from trellis.core.hub import model_card, upload_model
+from trellis.core.hub import model_card, upload_model, vllm_usage
 from trellis.core.recipe import looks_like_local_path
 from trellis.core.run_record import RunRecord, checkpoints_by_step, read_record
 from trellis.core.tables import markdown_table, number
@@ -201,14 +201,17 @@ def push_final_model(args, output_dir: str, api=None) -> dict:
         data.base_model = base
     metrics = (record.get("metrics") or {}).get("eval", {})
     sections = {
-        "Held-out metrics": markdown_table(["metric", "value"], [[k, number(v)] for k, v in metrics.items()])
+        "Held-out metrics": markdown_table(["metric", "value"], [[k, number(v)] for k, v in metrics.items()]),
+        "Run it": vllm_usage(repo_id),
     }
     summary = (
         f"Trained by the Trellis `{stage}` stage from `{base}`."
         if base
         else f"Trained by the Trellis `{stage}` stage."
     )
-    card = model_card(data, repo_id.split("/")[-1], sections if metrics else {}, summary)
+    if not metrics:
+        del sections["Held-out metrics"]
+    card = model_card(data, repo_id.split("/")[-1], sections, summary)
     private = args.hub_private_repo is not False
     return upload_model(
         output_dir, repo_id, str(card), private, args.hub_revision, f"Trellis {stage} stage", api=api
