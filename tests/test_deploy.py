@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from conftest import REPO, read_jsonl, run_script, write_recipe
 from test_quantize import EIGHT_BIT_PERPLEXITY_BOUND
 
 from trellis.core.run_record import read_record
-from trellis.deploy import gguf_export
+from trellis.deploy import gguf_export, serving
 
 needs_llama_cpp = pytest.mark.skipif(
     not (gguf_export.CONVERTER_DIR / "conversion").is_dir(), reason="llama.cpp's tools: make export-tools"
@@ -110,10 +112,9 @@ def test_unsupported_architecture_fails_before_writing_naming_it(workdir, langua
     config = json.loads((language_model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "architectures": ["ToyForCausalLM"]}))
     out = tmp_path / "out"
-    result = run_script(["export.py", "--config", str(export_recipe(workdir, model, out))], cwd=workdir)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "does not support the architecture 'ToyForCausalLM'" in result.stderr
-    assert not out.exists() or not list(out.glob("*.gguf*"))
+    with pytest.raises(gguf_export.ExportError, match="does not support the architecture 'ToyForCausalLM'"):
+        run_in_process("export", export_recipe(workdir, model, out))
+    assert not out.exists()
 
 
 # --- serving with vLLM --------------------------------------------------------------------------------------
@@ -161,7 +162,18 @@ def _commands() -> list[str]:
 def test_serving_without_vllm_fails_before_loading_anything(workdir, tmp_path):
     model = workdir / "data" / "tiny" / "tokenizer"  # never loaded
     recipe = serve_recipe(workdir, model, tmp_path / "out", vllm_python="/nonexistent/python")
-    result = run_script(["serve.py", "--config", str(recipe)], cwd=workdir)
-    assert result.returncode == 2
-    assert "vllm_python: /nonexistent/python does not exist; run `make serve-env`" in result.stderr
+    with pytest.raises(
+        serving.ServingError, match="/nonexistent/python does not exist; run `make serve-env`"
+    ):
+        run_in_process("serve", recipe)
     assert not (tmp_path / "out").exists()
+
+
+def run_in_process(script: str, recipe: Path) -> None:
+    """scripts/<script>.py's main() on the recipe, in this process: its errors raise here."""
+    argv = sys.argv
+    sys.argv = [script, "--config", str(recipe)]
+    try:
+        runpy.run_path(str(REPO / "scripts" / f"{script}.py"))["main"]()
+    finally:
+        sys.argv = argv

@@ -137,7 +137,7 @@ NOT_EXERCISED = {
     "generation_tokens", "min_quality_retention",
 }  # fmt: skip
 # A recipe's stage: its name's prefix. pipeline.yaml chains the others (test_family_pipeline_...).
-ORDER = ("data", "pretrain", "sft", "prune", "distill", "reward", "dpo", "ppo", "eval", "quantize")
+ORDER = ("data", "pretrain", "sft", "prune", "distill", "reward", "dpo", "ppo", "eval", "quantize", "export")
 
 
 def load_recipes(fam: Family) -> dict[str, dict]:
@@ -241,6 +241,8 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
                 "batch_size": 8,
                 "generation_tokens": 4,
             }
+        elif stage == "export":  # the shipped types, checked on a few tiny chats in the family's template
+            overrides = {"check_datasets": [MESSAGES], "check_samples": 4, "check_max_length": 64}
         else:
             source = {"sft": MESSAGES, "distill": MESSAGES, "reward": PAIRS, "dpo": PAIRS, "ppo": PROMPTS}[
                 stage
@@ -284,6 +286,12 @@ def test_family_recipes_train_a_tiny_copy_of_the_family(
                 assert {k: saved[k] for k in ("bits", "group_size", "desc_act")} == {
                     k: variant[k] for k in ("bits", "group_size", "desc_act")
                 }
+
+        if stage == "export":  # llama.cpp reads every file as transformers does: tokens and logits
+            for gguf_type, row in record["metrics"].items():
+                if gguf_type in values["types"]:
+                    assert row["tokenization_agreement"] == 1.0, gguf_type
+            assert record["metrics"]["f16"]["max_abs_logit_difference"] < 0.05
 
     if fam is FIRST_OF_FAMILY[fam.family]:
         assert set(trained) == set(recipes)  # the first size of a family trains every recipe

@@ -328,7 +328,7 @@ def test_tiny_pipeline_is_valid(workdir, monkeypatch):
     pipeline = load_pipeline(str(REPO / "recipes" / "tiny" / "pipeline.yaml"))
     assert pipeline.names == [
         *("data", "pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "kto", "orpo"),
-        *("eval", "quantize", "publish"),
+        *("eval", "quantize", "export", "serve", "publish"),
     ]
     sft = pipeline.stage("sft").resolved
     assert sft["model_name_or_path"] == "outputs/tiny/pretrain" and sft["model_config"] is None

@@ -31,6 +31,16 @@ _SETTINGS = ".export_settings.json"  # what each GGUF file was made from: a reru
 _INSTALL = "run `make export-tools` (builds llama-cpp-python and unpacks llama.cpp's converter)"
 
 
+# Byte-level BPE tokenizers that split with one regex before the byte mapping (tokenizer.json: a Split, then
+# ByteLevel without its own regex), by that regex: llama.cpp's name for the split (its llama-vocab.cpp).
+_SPLIT_REGEXES = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "llama-bpe",  # Llama 3
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",  # Qwen2 and 2.5
+}
+
+
 class ExportError(TrellisError):
     """A model, tokenizer or environment the GGUF export cannot use."""
 
@@ -85,7 +95,8 @@ def check_architecture(model_dir: Path) -> str:
 def check_tokenizer(model_dir: Path, tokenizer) -> str | None:
     """llama.cpp's name for the tokenizer's pre-tokenization (None for a SentencePiece model, which has
     none): the converter's, for a published tokenizer it knows by the hash of its output; else read off
-    the tokenizer, for one trained by the data stage; else an error, before any file is written."""
+    the tokenizer's pre-tokenizer (GPT-2's byte-level split, as the data stage trains, or a family's split
+    regex), for one trained here; else an error, before any file is written."""
     if (model_dir / "tokenizer.model").is_file():
         return None
     quiet = logging.getLogger("hf-to-gguf")
@@ -103,6 +114,11 @@ def check_tokenizer(model_dir: Path, tokenizer) -> str | None:
     config = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
     if config.get("type") == "ByteLevel" and config.get("use_regex", True):
         return "gpt-2"  # GPT-2's regex split, bytes as characters: what the data stage trains
+    steps = config.get("pretokenizers", [])
+    if [step.get("type") for step in steps] == ["Split", "ByteLevel"] and not steps[1].get("use_regex"):
+        split = _SPLIT_REGEXES.get(steps[0].get("pattern", {}).get("Regex"))
+        if split:
+            return split  # a family's split, kept by a tokenizer retrained on other text
     raise ExportError(
         f"{model_dir}: llama.cpp does not know this tokenizer's pre-tokenizer ({json.dumps(config)}): it "
         "needs one of the splits it implements (tokenizer.ggml.pre); train the tokenizer with a byte-level "
