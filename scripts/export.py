@@ -32,28 +32,19 @@ def main() -> None:
     gguf_export.check_architecture(model_dir)
     tokenizer = load_tokenizer(str(model_dir), args.trust_remote_code)
     pre_tokenizer = gguf_export.check_tokenizer(model_dir, tokenizer)
-    threads = args.threads or os.cpu_count() or 1
 
     with RunRecord("export", args.output_dir, {"export": args}) as record:
         record.set_input("model", gguf_export.input_fingerprint(str(model_dir)))
         paths = gguf_export.write_files(args, model_dir, pre_tokenizer)
 
-        checks, texts, original, tokens = {}, [], None, 0
+        checks, original = {}, {}
         if args.check_datasets:
             texts = gguf_export.check_texts(args, tokenizer)
-            full_ids = gguf_export.encode(texts, tokenizer)
-            token_ids = [ids[: args.check_max_length] for ids in full_ids]
-            tokens = sum(len(ids) for ids in token_ids)
-            reference = gguf_export.reference_logits(model_dir, token_ids, args.trust_remote_code)
-            original = gguf_export.perplexity(reference, token_ids)
-            for gguf_type, path in paths.items():
-                gguf_export.logger.info("Checking %s against the original", path.name)
-                checks[gguf_type] = gguf_export.check_file(
-                    path, texts, full_ids, reference, args.check_max_length, threads
-                )
-                record.set_metrics(gguf_type, checks[gguf_type])
+            checks, original = gguf_export.check_files(args, paths, model_dir, texts, tokenizer)
+            for gguf_type, check in checks.items():
+                record.set_metrics(gguf_type, check)
         parameters = gguf_export.parameter_count(model_dir)
-        report = gguf_export.build_report(args, paths, checks, original, parameters, len(texts), tokens)
+        report = gguf_export.build_report(args, paths, checks, original, parameters)
         gguf_export.write_report(args.output_dir, report)
         gguf_export.model_card(args, report).save(os.path.join(args.output_dir, CARD))
         gguf_export.logger.info("Wrote %s", os.path.join(args.output_dir, f"{gguf_export.REPORT_NAME}.md"))

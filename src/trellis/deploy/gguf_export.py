@@ -237,81 +237,90 @@ def check_texts(args: ExportArguments, tokenizer) -> list[tuple[str, bool]]:
     return [(r.get("text") or r["prompt"] + r["completion"], False) for r in dataset]
 
 
-def reference_logits(model_dir: Path, token_ids: list[list[int]], trust_remote_code: bool) -> list:
-    """The original model's next-token logits (float32) for each text."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
-    ).eval()
-    with torch.no_grad():
-        return [model(torch.tensor([ids])).logits[0].double().numpy() for ids in token_ids]
-
-
 def negative_log_likelihood(logits, ids: list[int]) -> float:
     """Summed over the text's next tokens, from its logits (positions x vocabulary)."""
     import numpy as np
 
     shifted = logits[:-1] - logits[:-1].max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    return -float(log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
-
-
-def perplexity(all_logits: list, token_ids: list[list[int]]) -> float:
-    nll = sum(negative_log_likelihood(logits, ids) for logits, ids in zip(all_logits, token_ids, strict=True))
-    return math.exp(nll / sum(len(ids) - 1 for ids in token_ids))
+    return -float(log_probs[np.arange(len(ids) - 1), ids[1:]].sum(dtype=np.float64))
 
 
 def encode(texts: list[tuple[str, bool]], tokenizer) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=not rendered)["input_ids"] for text, rendered in texts]
 
 
-def check_file(
-    path: Path,
-    texts: list[tuple[str, bool]],
-    full_ids: list[list[int]],
-    reference: list,
-    max_length: int,
-    threads: int,
-) -> dict[str, float]:
-    """Reload a GGUF file in llama.cpp and compare it with the original on the held-out texts: the share
-    of texts llama.cpp tokenizes as transformers does, then, on transformers' tokens, next-token logits
-    (largest and mean absolute difference), the share of positions where both pick the same next token,
-    and perplexity."""
+def check_files(
+    args: ExportArguments, paths: dict[str, Path], model_dir: Path, texts: list[tuple[str, bool]], tokenizer
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Reload every GGUF file in llama.cpp and compare it with the original (transformers, float32) on the
+        held-out texts: the share of texts llama.cpp tokenizes as transformers does, then, on transformers'
+        tokens, the next-token logits (largest and mean absolute difference), the share of positions where
+        both pick the same next token, and perplexity. Returns ({type: those}, the original: its perplexity, and
+    the texts and tokens checked).
+        One text at a time: a 128k-token vocabulary's logits over a long text take half a gigabyte."""
     import llama_cpp
     import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    token_ids = [ids[:max_length] for ids in full_ids]
+    full_ids = encode(texts, tokenizer)
+    token_ids = [ids[: args.check_max_length] for ids in full_ids]
     longest = max(len(ids) for ids in token_ids)
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=longest,
-        n_batch=longest,
-        n_ubatch=longest,
-        logits_all=True,
-        n_threads=threads,
-        verbose=False,
-    )
-    same_tokens = sum(
-        llm.tokenize(text.encode(), add_bos=not rendered, special=True) == ids
-        for (text, rendered), ids in zip(texts, full_ids, strict=True)
-    )
-    all_logits = []
-    for ids in token_ids:
-        llm.reset()
-        llm.eval(ids)
-        all_logits.append(np.asarray(llm.scores[: len(ids)], dtype=np.float64))
-    differences = np.concatenate([np.abs(a - b).ravel() for a, b in zip(all_logits, reference, strict=True)])
-    same_top = sum(
-        int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(all_logits, reference, strict=True)
-    )
-    return {
-        "tokenization_agreement": same_tokens / len(texts),
-        "max_abs_logit_difference": float(differences.max()),
-        "mean_abs_logit_difference": float(differences.mean()),
-        "top1_agreement": same_top / sum(len(ids) for ids in token_ids),
-        "perplexity": perplexity(all_logits, token_ids),
+    threads = args.threads or os.cpu_count() or 1
+    engines = {
+        gguf_type: llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=longest,
+            n_batch=longest,
+            n_ubatch=longest,
+            logits_all=True,
+            n_threads=threads,
+            verbose=False,
+        )
+        for gguf_type, path in paths.items()
+    }
+    original = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+    ).eval()
+    sums = {t: {"largest": 0.0, "absolute": 0.0, "same_top": 0, "nll": 0.0} for t in engines}
+    original_nll = 0.0
+    for number, ids in enumerate(token_ids, 1):
+        with torch.no_grad():
+            expected = original(torch.tensor([ids])).logits[0].numpy()
+        original_nll += negative_log_likelihood(expected, ids)
+        for gguf_type, llm in engines.items():
+            llm.reset()
+            llm.eval(ids)
+            logits = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+            difference = np.abs(logits - expected)
+            total = sums[gguf_type]
+            total["largest"] = max(total["largest"], float(difference.max()))
+            total["absolute"] += float(difference.sum(dtype=np.float64))
+            total["same_top"] += int((logits.argmax(-1) == expected.argmax(-1)).sum())
+            total["nll"] += negative_log_likelihood(logits, ids)
+        if number % 16 == 0:
+            logger.info("Checked %d of %d texts", number, len(token_ids))
+    positions, predicted = sum(map(len, token_ids)), sum(len(ids) - 1 for ids in token_ids)
+    vocabulary = expected.shape[-1]
+    checks = {}
+    for gguf_type, llm in engines.items():
+        same_tokens = sum(
+            llm.tokenize(text.encode(), add_bos=not rendered, special=True) == ids
+            for (text, rendered), ids in zip(texts, full_ids, strict=True)
+        )
+        total = sums[gguf_type]
+        checks[gguf_type] = {
+            "tokenization_agreement": same_tokens / len(texts),
+            "max_abs_logit_difference": total["largest"],
+            "mean_abs_logit_difference": total["absolute"] / (positions * vocabulary),
+            "top1_agreement": total["same_top"] / positions,
+            "perplexity": math.exp(total["nll"] / predicted),
+        }
+    return checks, {
+        "perplexity": math.exp(original_nll / predicted),
+        "texts": len(texts),
+        "tokens": positions,
     }
 
 
@@ -331,18 +340,17 @@ def build_report(
     args: ExportArguments,
     paths: dict[str, Path],
     checks: dict[str, dict],
-    original_perplexity: float | None,
+    original: dict[str, float],
     parameters: int,
-    texts: int,
-    tokens: int,
 ) -> dict[str, Any]:
+    """Each file's size and check, and what its metadata says; `original` is check_files' (empty: unchecked)."""
     files = {}
     for gguf_type, path in paths.items():
         size = path.stat().st_size
         row = {"file": path.name, "size_bytes": size, "bits_per_weight": 8 * size / parameters}
         row.update(checks.get(gguf_type, {}))
-        if original_perplexity and "perplexity" in row:
-            row["perplexity_retention"] = original_perplexity / row["perplexity"]
+        if "perplexity" in row:
+            row["perplexity_retention"] = original["perplexity"] / row["perplexity"]
         written = metadata(path)
         row["metadata"] = {k: v for k, v in written.items() if k != "chat_template"}
         row["metadata"]["has_chat_template"] = bool(written["chat_template"])
@@ -350,9 +358,9 @@ def build_report(
     return {
         "model": args.model_name_or_path,
         "parameters": parameters,
-        "original_perplexity": original_perplexity,
-        "checked_texts": texts,
-        "checked_tokens": tokens,
+        "original_perplexity": original.get("perplexity"),
+        "checked_texts": original.get("texts", 0),
+        "checked_tokens": original.get("tokens", 0),
         "files": files,
     }
 
