@@ -103,7 +103,10 @@ def test_rerun_keeps_the_files_made_from_the_same_model(workdir, exported, langu
 
 
 @needs_llama_cpp
-def test_unsupported_architecture_fails_before_writing_naming_it(workdir, language_model, tmp_path):
+def test_unsupported_architecture_fails_before_writing_naming_it(
+    workdir, language_model, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(workdir)  # the recipe names data/tiny relative to the checkout
     model = tmp_path / "toy"
     model.mkdir()
     for file in language_model.iterdir():
@@ -159,7 +162,8 @@ def _commands() -> list[str]:
     return commands
 
 
-def test_serving_without_vllm_fails_before_loading_anything(workdir, tmp_path):
+def test_serving_without_vllm_fails_before_loading_anything(workdir, tmp_path, monkeypatch):
+    monkeypatch.chdir(workdir)  # the recipe names data/tiny relative to the checkout
     model = workdir / "data" / "tiny" / "tokenizer"  # never loaded
     recipe = serve_recipe(workdir, model, tmp_path / "out", vllm_python="/nonexistent/python")
     with pytest.raises(
