@@ -28,7 +28,8 @@ LLAMA_CPP_SHARE := $(VENV)/share/llama.cpp
 
 export-tools: $(LLAMA_CPP_SHARE)/.installed
 
-$(LLAMA_CPP_SHARE)/.installed: $(VENV)/.installed
+# order-only: reinstalling Trellis (setup.cfg changed) does not rebuild llama.cpp
+$(LLAMA_CPP_SHARE)/.installed: | $(VENV)/.installed
 	$(BIN)/python -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
 		--dest $(VENV)/share/sdists llama-cpp-python==$(subst llama_cpp_python-,,$(LLAMA_CPP_PYTHON))
 	mkdir -p $(LLAMA_CPP_SHARE)
