@@ -118,6 +118,19 @@ def prune_in_process(workdir: Path, model_dir: Path, out: Path, **cuts: int) -> 
     return out
 
 
+def run_in_process(script: str, recipe: Path) -> None:
+    """scripts/<script>.py's main() on the recipe in this process (no interpreter start-up): its errors
+    raise here, as the exceptions they are."""
+    import runpy
+
+    argv = sys.argv
+    sys.argv = [script, "--config", str(recipe)]
+    try:
+        runpy.run_path(str(SCRIPTS / f"{script}.py"))["main"]()
+    finally:
+        sys.argv = argv
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

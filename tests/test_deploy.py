@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, read_jsonl, run_script, write_recipe
+from conftest import REPO, read_jsonl, run_in_process, run_script, write_recipe
 from test_quantize import EIGHT_BIT_PERPLEXITY_BOUND
 
 from trellis.core.run_record import read_record
@@ -171,13 +169,3 @@ def test_serving_without_vllm_fails_before_loading_anything(workdir, tmp_path, m
     ):
         run_in_process("serve", recipe)
     assert not (tmp_path / "out").exists()
-
-
-def run_in_process(script: str, recipe: Path) -> None:
-    """scripts/<script>.py's main() on the recipe, in this process: its errors raise here."""
-    argv = sys.argv
-    sys.argv = [script, "--config", str(recipe)]
-    try:
-        runpy.run_path(str(REPO / "scripts" / f"{script}.py"))["main"]()
-    finally:
-        sys.argv = argv

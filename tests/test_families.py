@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_in_process
 from families import (
     FAMILIES,
     HEADROOM,
@@ -73,12 +72,7 @@ def run_stage(script: str, recipe: Path, overrides: dict, tmp: Path) -> dict:
     values.update(overrides)
     derived = tmp / f"{recipe.parent.name}-{recipe.stem}.yaml"
     derived.write_text(yaml.safe_dump(values))
-    argv = sys.argv
-    sys.argv = [script, "--config", str(derived)]
-    try:
-        runpy.run_path(str(REPO / "scripts" / f"{script}.py"))["main"]()
-    finally:
-        sys.argv = argv
+    run_in_process(script, derived)
     record = read_record(values["output_dir"])
     assert record["status"] == "complete", record
     return record
