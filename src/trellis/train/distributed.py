@@ -46,6 +46,42 @@ def keep_fsdp2_on_cpu(accelerator) -> bool:
     return True
 
 
+def restore_sharding_on_cpu(accelerator, parallelism) -> bool:
+    """After the Accelerator exists, give a CPU run the FSDP2 plugin and the device mesh its launch config
+    asked for (see keep_fsdp2_on_cpu); return whether the state was switched to FSDP.
+
+    accelerate validates a ParallelismConfig against the distributed type while building the
+    Accelerator, and on CPU (MULTI_CPU) refuses it: build the Accelerator without it (CpuShardingMixin)
+    and attach it here, as Accelerator.__init__ does on GPUs.
+    """
+    switched = keep_fsdp2_on_cpu(accelerator)
+    if parallelism is not None:
+        accelerator.state.parallelism_config = parallelism
+        accelerator.state.device_mesh = parallelism.get_device_mesh(accelerator.device.type)
+        parallelism._validate_accelerator(accelerator)
+    return switched
+
+
+class CpuShardingMixin:
+    """For a Trainer class: FSDP2, tensor and context parallelism on CPU processes as on GPUs."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        parallelism = self.args.parallelism_config
+        deferred = parallelism is not None and self.args.use_cpu
+        if deferred:  # the Accelerator must not see it on CPU (see restore_sharding_on_cpu)
+            self.args.parallelism_config = None
+            from_launch = os.environ.pop("ACCELERATE_USE_PARALLELISM_CONFIG", None)
+        try:
+            super().create_accelerator_and_postprocess()
+        finally:
+            if deferred:
+                self.args.parallelism_config = parallelism
+                if from_launch is not None:
+                    os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] = from_launch
+        if restore_sharding_on_cpu(self.accelerator, parallelism if deferred else None):
+            self.is_fsdp_enabled = True  # before the model is prepared (sharded) in train()
+
+
 def local_shard(param):
     """The part of a parameter this process holds: its DTensor shard under FSDP2, its partition under
     DeepSpeed ZeRO-3, or the whole parameter otherwise. Writing into it writes into the parameter."""
@@ -79,10 +115,32 @@ def shard_layout(accelerator, model) -> dict:
     return {
         "sharding": effective_sharding(accelerator),
         "processes": accelerator.num_processes,
+        "mesh": dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True))
+        if (mesh := device_mesh(accelerator))
+        else None,
         "parameters": {
-            name: {"numel": full_numel(p), "per_process": [held[name] for held in per_process]}
+            name: {
+                "numel": full_numel(p),
+                "per_process": [held[name] for held in per_process],
+                **placements(p),
+            }
             for name, p in model.named_parameters()
         },
+    }
+
+
+def device_mesh(accelerator):
+    """The launch config's device mesh (dp_replicate, dp_shard, cp, tp), or None without a parallelism_config."""
+    return accelerator.torch_device_mesh if accelerator.parallelism_config else None
+
+
+def placements(param) -> dict:
+    """How a DTensor parameter is laid out: each mesh dimension's name and placement (e.g. tp: Shard(dim=0))."""
+    if not hasattr(param, "placements"):
+        return {}
+    names = param.device_mesh.mesh_dim_names or tuple(str(i) for i in range(param.device_mesh.ndim))
+    return {
+        "placements": {dim: str(placement) for dim, placement in zip(names, param.placements, strict=True)}
     }
 
 

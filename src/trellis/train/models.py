@@ -100,6 +100,8 @@ def load_model(
     """
     import transformers
 
+    from trellis.train import parallelism
+
     model_class = model_class or transformers.AutoModelForCausalLM
     dtype = torch_dtype(model_args.dtype)
     # No KV cache where training cannot use one: when activations are recomputed, and for packed
@@ -108,6 +110,7 @@ def load_model(
     packed = getattr(training_args, "packing", False) or getattr(training_args, "padding_free", False)
     use_cache = training_args is None or not (training_args.activation_checkpointing or packed)
     trust_remote_code = trust_remote_code or getattr(training_args, "trust_remote_code", False)
+    layout = parallelism.training_layout(training_args)
     if model_args.model_config:
         config = config_from_recipe(model_args.model_config, tokenizer)
         config.use_cache = use_cache
@@ -121,14 +124,14 @@ def load_model(
         logger.info(
             "Built a new %s model with %.2fM parameters", config.model_type, model.num_parameters() / 1e6
         )
-        return model
+        return parallelism.parallelize(model, layout, training_args)
 
     _check_source(model_args.model_name_or_path, "model directory")
     kwargs = {}
     quantization = quantization_config(model_args)
     if quantization is not None:
         kwargs = {"quantization_config": quantization, "device_map": kbit_device_map()}
-    return model_class.from_pretrained(
+    model = model_class.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         dtype=dtype,
@@ -138,6 +141,7 @@ def load_model(
         **kwargs,
         **config_overrides,
     )
+    return parallelism.parallelize(model, layout, training_args)
 
 
 def peft_config(model_args):

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from trellis.core.errors import TrellisError
 from trellis.train.averaging import average_checkpoints, last_checkpoints
-from trellis.train.distributed import keep_fsdp2_on_cpu, local_shard, reshard
+from trellis.train.distributed import CpuShardingMixin, local_shard, reshard
 from trellis.train.run import save_model_directory
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class DivergenceError(TrellisError):
     """Training produced a non-finite loss or a loss spike."""
 
 
-class GuardedTrainer(Trainer):
+class GuardedTrainer(CpuShardingMixin, Trainer):
     """A Trainer that stops before the optimizer step on a NaN/inf loss or a loss spike.
 
     The check sits between backward and the optimizer step, so the bad update is never applied and
@@ -77,11 +77,6 @@ class GuardedTrainer(Trainer):
         self.loss_spike_factor = loss_spike_factor
         self._running_loss: float | None = None
         self._last_log: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
-
-    def create_accelerator_and_postprocess(self) -> None:
-        super().create_accelerator_and_postprocess()
-        if keep_fsdp2_on_cpu(self.accelerator):  # before the model is prepared (sharded) in train()
-            self.is_fsdp_enabled = True
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add training throughput (tokens/s since the previous log, over all processes) and validation
@@ -226,9 +221,14 @@ def swap_weights(model, weights: dict[str, torch.Tensor], full: bool = False) ->
         if name in weights:
             shard, new = local_shard(param), weights[name]
             if full and hasattr(param, "device_mesh"):
-                from torch.distributed.tensor import distribute_tensor
+                # Redistributed from a replica (distribute_tensor cannot cut FSDP2's _StridedShard over TP).
+                from torch.distributed.tensor import DTensor, Replicate
 
-                new = distribute_tensor(new.to(param.dtype), param.device_mesh, param.placements).to_local()
+                mesh = param.device_mesh
+                whole = DTensor.from_local(
+                    new.to(param.dtype), mesh, [Replicate()] * mesh.ndim, run_check=False
+                )
+                new = whole.redistribute(mesh, param.placements).to_local()
             elif full and hasattr(param, "ds_tensor"):  # ZeRO-3: an even split of the flattened parameter
                 start = torch.distributed.get_rank() * shard.numel()
                 part = new.flatten()[start : start + shard.numel()]

@@ -17,6 +17,7 @@ from trellis.core.tables import markdown_table, number
 from trellis.data.bad_records import check_lengths, reporting_bad_records
 from trellis.train import throughput
 from trellis.train.models import merge_adapters
+from trellis.train.parallelism import saved_as_plain_model
 
 logger = logging.getLogger("trellis")
 
@@ -174,7 +175,8 @@ def save_model_directory(trainer, output_dir: str, final: bool = False) -> None:
         state_dict = trainer.accelerator.get_state_dict(
             trainer.model
         )  # collective; empty off the main process
-        trainer._save(output_dir, state_dict=_cloned_keeping_ties(state_dict, trainer.model))
+        with saved_as_plain_model(trainer.accelerator.unwrap_model(trainer.model)):
+            trainer._save(output_dir, state_dict=_cloned_keeping_ties(state_dict, trainer.model))
     else:
         trainer.save_model(output_dir, _internal_call=True)  # (the Trainer's own push is not ours)
     if trainer.accelerator.is_main_process:

@@ -3,10 +3,15 @@ logits in one piece when small, and the end-of-turn token checked to be trained.
 
 from __future__ import annotations
 
-from trl import SFTTrainer
+import trl
 
 from trellis.data import chat
 from trellis.train import lm_head_loss, models
+from trellis.train.distributed import CpuShardingMixin
+
+
+class SFTTrainer(CpuShardingMixin, trl.SFTTrainer):
+    """TRL's SFTTrainer, sharded on CPU processes as the launch config asks (FSDP2, tensor parallel)."""
 
 
 def sft_trainer(
