@@ -164,7 +164,7 @@ def memory_estimate(stage: Stage, pipeline: Pipeline) -> str | None:
     recipe = stage.resolved
     params = sum(p.numel() for p in model.parameters())
     trainable = params // 100 if recipe.get("use_peft") else params
-    sharding, processes = _sharding(stage.accelerate_config)
+    sharding, processes, mesh = _sharding(stage.accelerate_config)
     bf16 = bool(recipe.get("bf16") or recipe.get("fp16"))
     estimate = estimate_training_memory(
         params=params,
@@ -179,10 +179,14 @@ def memory_estimate(stage: Stage, pipeline: Pipeline) -> str | None:
         sharding=sharding,
         world_size=processes,
         activation_checkpointing=bool(recipe.get("activation_checkpointing")),
+        **{f"{dim}_size": size for dim, size in mesh.items() if dim != "dp_shard"},
     )
     lora = " (LoRA: trainable parameters taken as 1%)" if recipe.get("use_peft") else ""
+    layout = " x ".join(f"{dim} {size}" for dim, size in mesh.items() if size > 1)
     return (
-        f"{params / 1e6:.2f}M parameters, {sharding} sharding over {processes} process(es){lora}\n"
+        f"{params / 1e6:.2f}M parameters, {sharding} sharding over {processes} process(es)"
+        + (f" ({layout})" if layout else "")
+        + f"{lora}\n"
         + estimate.table()
     )
 
@@ -213,15 +217,22 @@ def _sequence_length(stage: Stage, pipeline: Pipeline) -> int:
     return 1024
 
 
-def _sharding(accelerate_config: str | None) -> tuple[str, int]:
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+
+
+def _sharding(accelerate_config: str | None) -> tuple[str, int, dict[str, int]]:
+    """What an accelerate config asks for: the sharding, the processes of all machines (accelerate's
+    num_processes counts them all) and the parallelism_config mesh sizes."""
     if not accelerate_config or not os.path.isfile(accelerate_config):
-        return "none", 1
+        return "none", 1, {}
     config = yaml.safe_load(Path(accelerate_config).read_text()) or {}
-    processes = int(config.get("num_processes") or 1) * int(config.get("num_machines") or 1)
+    processes = int(config.get("num_processes") or 1)
+    sizes = config.get("parallelism_config") or {}
+    mesh = {dim: int(sizes.get(f"parallelism_config_{dim}_size", 1)) for dim in MESH_DIMS} if sizes else {}
     kind = str(config.get("distributed_type", "NO")).upper()
     if kind == "FSDP":
-        return "fsdp", processes
+        return "fsdp", processes, mesh
     if kind == "DEEPSPEED":
         stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
-        return (f"zero{stage}" if stage else "none"), processes
-    return "none", processes
+        return (f"zero{stage}" if stage else "none"), processes, mesh
+    return "none", processes, mesh

@@ -5,6 +5,11 @@ sharding splits (FSDP full shard / ZeRO-3 split everything, ZeRO-2 gradients and
 ZeRO-1 optimizer states), and adds activations from batch, sequence length and model shape
 (about 34 bytes per token per hidden unit per layer in 16-bit, Korthikanti et al. 2022, with
 fused attention; with activation checkpointing, one layer's worth plus each layer's input).
+
+Under a parallelism_config (trellis.train.parallelism) tensor parallel splits every matrix and 24 of
+those 34 bytes over tp ranks (the norms' and residuals' 10 stay whole), context parallel splits the
+tokens over cp ranks, FSDP2 shards over dp_shard x cp ranks, and HSDP replicas (dp_replicate) hold
+copies.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ def estimate_training_memory(
     world_size: int = 1,
     activation_checkpointing: bool = False,
     weight_bytes: float | None = None,
+    tp_size: int = 1,
+    cp_size: int = 1,
+    dp_replicate_size: int = 1,
 ) -> MemoryEstimate:
     """Bytes per device for one training step with AdamW (two states per trainable parameter).
 
@@ -64,12 +72,13 @@ def estimate_training_memory(
     """
     if sharding not in SHARDED:
         raise ValueError(f"sharding must be one of {sorted(SHARDED)}, got {sharding!r}")
+    shard_ranks = world_size // (dp_replicate_size * tp_size)  # FSDP's dp_shard x cp ranks
     split = {
-        part: (world_size if part in SHARDED[sharding] else 1)
+        part: tp_size * (shard_ranks if part in SHARDED[sharding] else 1)
         for part in ("weights", "gradients", "optimizer")
     }
-    tokens = batch_size * seq_len
-    per_layer = 34 * tokens * hidden_size * activation_bytes / 2
+    tokens = batch_size * seq_len / cp_size
+    per_layer = (10 + 24 / tp_size) * tokens * hidden_size * activation_bytes / 2
     layers = (
         per_layer + num_layers * tokens * hidden_size * activation_bytes
         if activation_checkpointing
@@ -90,6 +99,7 @@ def estimate_for_model(model, training_args, seq_len: int, accelerator) -> Memor
     from trellis.train.distributed import effective_sharding, full_numel
 
     sharding, world_size = effective_sharding(accelerator), accelerator.num_processes
+    layout = accelerator.parallelism_config
     config = model.config
     first = next(model.parameters())
     mixed = training_args.bf16 or training_args.fp16
@@ -106,4 +116,10 @@ def estimate_for_model(model, training_args, seq_len: int, accelerator) -> Memor
         sharding=sharding,
         world_size=world_size,
         activation_checkpointing=bool(training_args.activation_checkpointing),
+        **(mesh_sizes(layout) if layout else {}),
     )
+
+
+def mesh_sizes(parallelism) -> dict[str, int]:
+    """The estimate's tp_size, cp_size and dp_replicate_size keywords from an accelerate ParallelismConfig."""
+    return {name: getattr(parallelism, name) for name in ("tp_size", "cp_size", "dp_replicate_size")}
