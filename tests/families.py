@@ -328,6 +328,46 @@ def memory_row(fam: Family, batch_size: int = 1) -> MemoryRow:
     )
 
 
+# The accelerate configs with a parallelism_config, as (config, mesh sizes, sequence-length factor): CP is for
+# sequences longer than the recipe's, so its column is priced at twice the recipe's max_length.
+LAYOUTS = [
+    ("fsdp", dict(world_size=8), 1),
+    ("fsdp_tp", dict(world_size=8, tp_size=2), 1),
+    ("fsdp_cp", dict(world_size=8, cp_size=2), 2),
+    ("multi_node_hsdp", dict(world_size=16, dp_replicate_size=2), 1),
+    ("multi_node_hsdp_tp", dict(world_size=16, dp_replicate_size=2, tp_size=2), 1),
+]
+
+
+def layout_row(fam: Family) -> list[float]:
+    """GiB per GPU of full SFT/pretraining in each of LAYOUTS: bf16, AdamW, one sequence per GPU, activations
+    kept (no checkpointing: what TP and CP split)."""
+    counts = parameter_counts(fam)
+    shape = dict(
+        params=counts.total,
+        trainable=counts.total,
+        param_bytes=2,
+        batch_size=1,
+        hidden_size=fam.config["hidden_size"],
+        num_layers=fam.config["num_hidden_layers"],
+        vocab_size=fam.config["vocab_size"],
+        sharding="fsdp",
+    )
+    return [
+        estimate_training_memory(**shape, **mesh, seq_len=fam.max_length * factor).total / GIB
+        for _, mesh, factor in LAYOUTS
+    ]
+
+
+def layout_table() -> str:
+    names = " | ".join(f"`{config}`" + (" (2x seq)" if factor > 1 else "") for config, _, factor in LAYOUTS)
+    lines = [f"| model (seq) | {names} |", "|---" * (len(LAYOUTS) + 1) + "|"]
+    for fam in FAMILIES:
+        cells = " | ".join(f"{gib:.1f}" for gib in layout_row(fam))
+        lines.append(f"| {fam.name} ({fam.max_length}) | {cells} |")
+    return "\n".join(lines)
+
+
 def recipe_files(fam: Family, root: Path = REPO) -> list[str]:
     return sorted(path.stem for path in (root / "recipes" / fam.name).glob("*.yaml"))
 
@@ -363,3 +403,5 @@ if __name__ == "__main__":
     print(family_table())
     print()
     print(memory_table())
+    print()
+    print(layout_table())

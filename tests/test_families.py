@@ -27,6 +27,7 @@ from families import (
     Family,
     family,
     family_table,
+    layout_table,
     memory_row,
     memory_table,
     recipe_files,
@@ -344,6 +345,7 @@ def test_readme_tables_are_generated_from_the_real_family_configs():
     readme = (REPO / "README.md").read_text()
     assert family_table() in readme
     assert table in readme
+    assert layout_table() in readme
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)

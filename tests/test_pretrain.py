@@ -282,6 +282,37 @@ def test_memory_estimate_arithmetic():
     assert (zero2.weights, zero2.gradients, zero2.optimizer) == (4e6, 1e6, 2e6)
     checkpointed = estimate_training_memory(**kw, activation_checkpointing=True)
     assert checkpointed.activations < single.activations
+    # 8 processes as dp_shard 4 x tp 2: states split 8 ways, as full FSDP over 8, but layer activations shrink.
+    tp = estimate_training_memory(**kw, sharding="fsdp", world_size=8, tp_size=2)
+    full8 = estimate_training_memory(**kw, sharding="fsdp", world_size=8)
+    assert (tp.weights, tp.gradients, tp.optimizer) == (0.5e6, 0.5e6, 1e6)
+    assert tp.activations < full8.activations
+    # HSDP: 2 replicas of dp_shard 4 hold what FSDP over 4 holds.
+    hsdp = estimate_training_memory(**kw, sharding="fsdp", world_size=8, dp_replicate_size=2)
+    assert (hsdp.weights, hsdp.gradients, hsdp.optimizer) == (1e6, 1e6, 2e6)
+    # cp 2 over 4 processes: FSDP shards over all 4, each process holds half of each sequence's activations.
+    cp = estimate_training_memory(**kw, sharding="fsdp", world_size=4, cp_size=2)
+    assert (cp.weights, cp.activations) == (sharded.weights, sharded.activations / 2)
+
+
+def test_dry_run_prices_the_accelerate_configs_parallel_layout(workdir, monkeypatch):
+    from trellis.pipeline.plan import memory_estimate
+    from trellis.pipeline.spec import load_pipeline
+
+    monkeypatch.chdir(workdir)
+    pipeline = load_pipeline("recipes/tiny/pipeline.yaml")
+    stage = pipeline.stage("pretrain")
+    estimates = {}
+    for config in ("fsdp", "fsdp_tp", "fsdp_cp"):
+        stage.accelerate_config = f"accelerate_configs/{config}.yaml"
+        text = memory_estimate(stage, pipeline)
+        estimates[config] = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()[2:]}
+        estimates[config]["summary"] = text.splitlines()[0]
+    assert "fsdp sharding over 8 process(es) (dp_shard 4 x tp 2)" in estimates["fsdp_tp"]["summary"]
+    assert "(dp_shard 4 x cp 2)" in estimates["fsdp_cp"]["summary"]
+    assert estimates["fsdp_tp"]["weights"] == estimates["fsdp"]["weights"]  # split 8 ways either way
+    assert estimates["fsdp_tp"]["activations"] < estimates["fsdp"]["activations"]
+    assert estimates["fsdp_cp"]["activations"] < estimates["fsdp"]["activations"]
 
 
 def test_block_collator_masks_only_the_trailing_padding():
