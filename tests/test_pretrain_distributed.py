@@ -212,7 +212,7 @@ def test_fsdp2_with_tensor_parallel_on_four_cpu_processes_resumes_onto_the_singl
     record_property("tp_max_step_loss_difference", max(differences))
     # BOUND tp-matches-single: largest |loss difference| over the 8 steps, seeds 0-2 x 1, 2 threads: 9.5e-07 /
     # 9.5e-07 / 1.4e-06 (min / median / max: 2-3 float32 ulps of a loss of ~6, summation order only); the
-    # bound is 70x the worst run, and 2,000x below the loss's own moves (0.2-0.5 per step from step 2 to 8).
+    # bound is 70x the worst run, and 600x below the loss's own moves (0.06-0.47 per step from step 2 to 8).
     assert len(differences) == 8 and max(differences) < 1e-4
 
     # The gathered final, EMA and averaged models are plain directories that score what the sharded model
