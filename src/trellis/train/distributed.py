@@ -67,7 +67,7 @@ class CpuShardingMixin:
 
     def create_accelerator_and_postprocess(self) -> None:
         parallelism = self.args.parallelism_config
-        deferred = parallelism is not None and self.args.use_cpu
+        deferred = parallelism is not None and self.args.device.type == "cpu"
         if deferred:  # the Accelerator must not see it on CPU (see restore_sharding_on_cpu)
             self.args.parallelism_config = None
             from_launch = os.environ.pop("ACCELERATE_USE_PARALLELISM_CONFIG", None)
