@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trellis.pipeline.plan import accelerate_layout
 from trellis.train.memory import GIB, estimate_training_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,15 +329,9 @@ def memory_row(fam: Family, batch_size: int = 1) -> MemoryRow:
     )
 
 
-# The accelerate configs with a parallelism_config, as (config, mesh sizes, sequence-length factor): CP is for
-# sequences longer than the recipe's, so its column is priced at twice the recipe's max_length.
-LAYOUTS = [
-    ("fsdp", dict(world_size=8), 1),
-    ("fsdp_tp", dict(world_size=8, tp_size=2), 1),
-    ("fsdp_cp", dict(world_size=8, cp_size=2), 2),
-    ("multi_node_hsdp", dict(world_size=16, dp_replicate_size=2), 1),
-    ("multi_node_hsdp_tp", dict(world_size=16, dp_replicate_size=2, tp_size=2), 1),
-]
+# The layouts of the README table, as (accelerate config, sequence-length factor), priced as the config's own
+# processes and mesh say: CP is for sequences longer than the recipe's, so its column is at twice max_length.
+LAYOUTS = [("fsdp", 1), ("fsdp_tp", 1), ("fsdp_cp", 2), ("multi_node_hsdp", 1), ("multi_node_hsdp_tp", 1)]
 
 
 def layout_row(fam: Family) -> list[float]:
@@ -353,14 +348,18 @@ def layout_row(fam: Family) -> list[float]:
         vocab_size=fam.config["vocab_size"],
         sharding="fsdp",
     )
-    return [
-        estimate_training_memory(**shape, **mesh, seq_len=fam.max_length * factor).total / GIB
-        for _, mesh, factor in LAYOUTS
-    ]
+    row = []
+    for config, factor in LAYOUTS:
+        _, processes, mesh = accelerate_layout(str(REPO / "accelerate_configs" / f"{config}.yaml"))
+        seq_len = fam.max_length * factor
+        row.append(
+            estimate_training_memory(**shape, world_size=processes, mesh=mesh, seq_len=seq_len).total / GIB
+        )
+    return row
 
 
 def layout_table() -> str:
-    names = " | ".join(f"`{config}`" + (" (2x seq)" if factor > 1 else "") for config, _, factor in LAYOUTS)
+    names = " | ".join(f"`{config}`" + (" (2x seq)" if factor > 1 else "") for config, factor in LAYOUTS)
     lines = [f"| model (seq) | {names} |", "|---" * (len(LAYOUTS) + 1) + "|"]
     for fam in FAMILIES:
         cells = " | ".join(f"{gib:.1f}" for gib in layout_row(fam))

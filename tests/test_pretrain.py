@@ -283,15 +283,17 @@ def test_memory_estimate_arithmetic():
     checkpointed = estimate_training_memory(**kw, activation_checkpointing=True)
     assert checkpointed.activations < single.activations
     # 8 processes as dp_shard 4 x tp 2: states split 8 ways, as full FSDP over 8, but layer activations shrink.
-    tp = estimate_training_memory(**kw, sharding="fsdp", world_size=8, tp_size=2)
+    tp = estimate_training_memory(**kw, sharding="fsdp", world_size=8, mesh={"dp_shard": 4, "tp": 2})
     full8 = estimate_training_memory(**kw, sharding="fsdp", world_size=8)
     assert (tp.weights, tp.gradients, tp.optimizer) == (0.5e6, 0.5e6, 1e6)
     assert tp.activations < full8.activations
     # HSDP: 2 replicas of dp_shard 4 hold what FSDP over 4 holds.
-    hsdp = estimate_training_memory(**kw, sharding="fsdp", world_size=8, dp_replicate_size=2)
+    hsdp = estimate_training_memory(
+        **kw, sharding="fsdp", world_size=8, mesh={"dp_replicate": 2, "dp_shard": 4}
+    )
     assert (hsdp.weights, hsdp.gradients, hsdp.optimizer) == (1e6, 1e6, 2e6)
     # cp 2 over 4 processes: FSDP shards over all 4, each process holds half of each sequence's activations.
-    cp = estimate_training_memory(**kw, sharding="fsdp", world_size=4, cp_size=2)
+    cp = estimate_training_memory(**kw, sharding="fsdp", world_size=4, mesh={"dp_shard": 2, "cp": 2})
     assert (cp.weights, cp.activations) == (sharded.weights, sharded.activations / 2)
 
 

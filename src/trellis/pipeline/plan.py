@@ -16,6 +16,7 @@ from trellis.core.hashing import content_hash, file_stamps
 from trellis.core.run_record import RECORD_NAME, read_record
 from trellis.pipeline.spec import PUBLISH, Pipeline, Stage, ancestry, is_within, strings
 from trellis.stages import stage_flag, stage_kind
+from trellis.train.memory import MESH_DIMS
 
 # --- fingerprints and the decision to run ----------------------------------------------------------------
 
@@ -164,7 +165,7 @@ def memory_estimate(stage: Stage, pipeline: Pipeline) -> str | None:
     recipe = stage.resolved
     params = sum(p.numel() for p in model.parameters())
     trainable = params // 100 if recipe.get("use_peft") else params
-    sharding, processes, mesh = _sharding(stage.accelerate_config)
+    sharding, processes, mesh = accelerate_layout(stage.accelerate_config)
     bf16 = bool(recipe.get("bf16") or recipe.get("fp16"))
     estimate = estimate_training_memory(
         params=params,
@@ -179,7 +180,7 @@ def memory_estimate(stage: Stage, pipeline: Pipeline) -> str | None:
         sharding=sharding,
         world_size=processes,
         activation_checkpointing=bool(recipe.get("activation_checkpointing")),
-        **{f"{dim}_size": size for dim, size in mesh.items() if dim != "dp_shard"},
+        mesh=mesh,
     )
     lora = " (LoRA: trainable parameters taken as 1%)" if recipe.get("use_peft") else ""
     layout = " x ".join(f"{dim} {size}" for dim, size in mesh.items() if size > 1)
@@ -217,10 +218,7 @@ def _sequence_length(stage: Stage, pipeline: Pipeline) -> int:
     return 1024
 
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
-
-
-def _sharding(accelerate_config: str | None) -> tuple[str, int, dict[str, int]]:
+def accelerate_layout(accelerate_config: str | None) -> tuple[str, int, dict[str, int]]:
     """What an accelerate config asks for: the sharding, the processes of all machines (accelerate's
     num_processes counts them all) and the parallelism_config mesh sizes."""
     if not accelerate_config or not os.path.isfile(accelerate_config):

@@ -14,9 +14,12 @@ copies.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 GIB = 1024**3
+# The dimensions of an accelerate parallelism_config mesh, as its keys name them (parallelism_config_<dim>_size).
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 # What each sharding strategy splits over the data-parallel ranks.
 SHARDED = {
     "none": (),
@@ -61,18 +64,19 @@ def estimate_training_memory(
     world_size: int = 1,
     activation_checkpointing: bool = False,
     weight_bytes: float | None = None,
-    tp_size: int = 1,
-    cp_size: int = 1,
-    dp_replicate_size: int = 1,
+    mesh: Mapping[str, int] | None = None,
 ) -> MemoryEstimate:
     """Bytes per device for one training step with AdamW (two states per trainable parameter).
 
+    `mesh` gives the parallelism_config sizes by dimension (MESH_DIMS), when the launch config has one.
     `weight_bytes` replaces `params * param_bytes` when the weights are stored at mixed widths
     (QLoRA: a 4-bit base plus 16-bit adapters).
     """
     if sharding not in SHARDED:
         raise ValueError(f"sharding must be one of {sorted(SHARDED)}, got {sharding!r}")
-    shard_ranks = world_size // (dp_replicate_size * tp_size)  # FSDP's dp_shard x cp ranks
+    mesh = mesh or {}
+    tp_size, cp_size = mesh.get("tp", 1), mesh.get("cp", 1)
+    shard_ranks = world_size // (mesh.get("dp_replicate", 1) * tp_size)  # FSDP's dp_shard x cp ranks
     split = {
         part: tp_size * (shard_ranks if part in SHARDED[sharding] else 1)
         for part in ("weights", "gradients", "optimizer")
@@ -116,10 +120,5 @@ def estimate_for_model(model, training_args, seq_len: int, accelerator) -> Memor
         sharding=sharding,
         world_size=world_size,
         activation_checkpointing=bool(training_args.activation_checkpointing),
-        **(mesh_sizes(layout) if layout else {}),
+        mesh={dim: getattr(layout, f"{dim}_size") for dim in MESH_DIMS} if layout else None,
     )
-
-
-def mesh_sizes(parallelism) -> dict[str, int]:
-    """The estimate's tp_size, cp_size and dp_replicate_size keywords from an accelerate ParallelismConfig."""
-    return {name: getattr(parallelism, name) for name in ("tp_size", "cp_size", "dp_replicate_size")}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trellis.core.errors import TrellisError
 from trellis.core.recipe import local_path_problem
+from trellis.train import parallelism
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,6 @@ def load_model(
     set config attributes, e.g. `num_labels=1` for a reward model.
     """
     import transformers
-
-    from trellis.train import parallelism
 
     model_class = model_class or transformers.AutoModelForCausalLM
     dtype = torch_dtype(model_args.dtype)

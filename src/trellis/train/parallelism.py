@@ -16,22 +16,16 @@ import os
 from trellis.train.distributed import DistributedSetupError
 
 
-def launch_parallelism():
-    """The ParallelismConfig `accelerate launch` asked for, or None when its config has no
-    parallelism_config section (plain DDP, FSDP2 or DeepSpeed)."""
-    if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "").lower() != "true":
+def training_layout(training_args):
+    """The ParallelismConfig `accelerate launch` asked for, for a training run (None when its config has no
+    parallelism_config section, or for inference: `training_args` None), checked before any weights load,
+    and handed to the Trainer."""
+    launched = os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "").lower() == "true"
+    if training_args is None or not launched:
         return None
     from accelerate import ParallelismConfig
 
-    return ParallelismConfig()
-
-
-def training_layout(training_args):
-    """The launch config's ParallelismConfig for a training run (None without one, or for inference:
-    `training_args` None), checked before any weights load, and handed to the Trainer."""
-    parallelism = launch_parallelism() if training_args is not None else None
-    if parallelism is None:
-        return None
+    parallelism = ParallelismConfig()  # reads the PARALLELISM_CONFIG_* sizes the launcher exported
     if parallelism.cp_enabled and training_args.device.type == "cpu":
         raise DistributedSetupError(
             f"context parallelism (parallelism_config_cp_size: {parallelism.cp_size} in the accelerate config) "
