@@ -19,7 +19,7 @@ def main() -> None:
     from trl import RewardTrainer
 
     from trellis.data import chat, sources
-    from trellis.train import alignment, models
+    from trellis.train import alignment, models, padding_free
     from trellis.train.run import save_final_model, start_training_run, train_and_evaluate
 
     with start_training_run("reward", script_args, training_args, model_args) as record:
@@ -38,6 +38,8 @@ def main() -> None:
             peft_config=alignment.reward_peft_config(model_args),
         )
         alignment.match_score_head_to_activations(trainer.model, model_args.dtype)
+        if script_args.padding_free_forward:
+            padding_free.pack_trainer_models(trainer)
         train_and_evaluate(trainer, record, script_args.eval_before_training)
         save_final_model(trainer, model_args, AutoModelForSequenceClassification, num_labels=1)
 

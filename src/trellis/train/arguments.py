@@ -55,6 +55,20 @@ class SFTScriptArguments(ScriptArguments):
 
 
 @dataclass
+class PreferenceScriptArguments(ScriptArguments):
+    """The preference stages' data (reward, DPO, KTO, ORPO) plus how the model reads a batch."""
+
+    padding_free_forward: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the model on each batch's sequences packed into rows without padding, attention kept "
+            "within each sequence (trellis.train.padding_free); TRL's losses see the same values. False: "
+            "every sequence padded to the batch's longest, as TRL does."
+        },
+    )
+
+
+@dataclass
 class PPOScriptArguments(ScriptArguments):
     """PPO's data (prompts) plus the value model, which TRL's PPOConfig has no key for."""
 

@@ -21,6 +21,7 @@ SPEED_KEYS = (
     "packing",
     "packing_strategy",
     "padding_free",
+    "padding_free_forward",
     "pad_to_multiple_of",
     "gradient_checkpointing",
     "activation_checkpointing",

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
+from trellis.train import padding_free
+
 logger = logging.getLogger("trellis")
 
 WARMUP_STEPS = 3  # first steps of a run left out of its figures (allocation, compilation)
@@ -40,11 +42,13 @@ class CountingCollator:
     `chosen_input_ids` with `chosen_attention_mask`, ...). A batch without a mask is padding-free
     (packed SFT, pretraining blocks): its real tokens are the examples' own. The counts travel in
     the batch (as `COUNTS_KEY`) because the collator runs in the dataloader's worker processes when
-    there are any; the meter takes them out before the trainer sees the batch.
+    there are any; the meter takes them out before the trainer sees the batch. With `packs_sequences`
+    (trellis.train.padding_free) the model computes on the packed rows, not the padded batch.
     """
 
-    def __init__(self, collator) -> None:
+    def __init__(self, collator, packs_sequences: bool = False) -> None:
         self.collator = collator
+        self.packs_sequences = packs_sequences
 
     def __call__(self, examples):
         batch = self.collator(examples)
@@ -57,7 +61,8 @@ class CountingCollator:
                 real += int(mask.sum())
             else:
                 real += sum(len(example[key]) for example in examples if key in example) or ids.numel()
-            processed += ids.numel()
+            packed = self.packs_sequences and mask is not None
+            processed += padding_free.processed_tokens(mask) if packed else ids.numel()
             row_length = max(row_length, ids.shape[-1])
         batch[COUNTS_KEY] = torch.tensor([real, processed, row_length])
         return batch
@@ -219,7 +224,7 @@ def attach(trainer, warmup_steps: int = WARMUP_STEPS) -> ThroughputMeter:
     hands each batch's counts to the meter; evaluation keeps the original collator (restored once
     training begins, after the training dataloader exists).
     """
-    collator = CountingCollator(trainer.data_collator)
+    collator = CountingCollator(trainer.data_collator, padding_free.is_packing(trainer.model))
     trainer.data_collator = collator
     meter = ThroughputMeter(
         warmup_steps, restore=lambda: setattr(trainer, "data_collator", collator.collator)
