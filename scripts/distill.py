@@ -41,9 +41,7 @@ def main() -> None:
 
             if training_args.answers_only:
                 dataset = distillation.final_answers_only(dataset, training_args.answer_marker)
-            trainer = sft_trainer(
-                model, tokenizer, training_args, model_args, dataset, script_args.unchunked_loss_max_mib
-            )
+            trainer = sft_trainer(model, tokenizer, training_args, model_args, dataset, script_args)
         else:
             distillation.check_teacher(training_args, model.config.get_text_config().vocab_size)
             teacher_args = dataclasses.replace(

@@ -28,9 +28,7 @@ def main() -> None:
         model = models.load_model(model_args, tokenizer, training_args)
         chat.apply_chat_template(model, tokenizer, model_args.chat_template)
 
-        trainer = sft_trainer(
-            model, tokenizer, training_args, model_args, dataset, script_args.unchunked_loss_max_mib
-        )
+        trainer = sft_trainer(model, tokenizer, training_args, model_args, dataset, script_args)
         train_and_evaluate(trainer, record, script_args.eval_before_training)
         save_final_model(trainer, model_args)
 

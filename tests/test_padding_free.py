@@ -1,5 +1,5 @@
-"""Padding-free preference training: TRL's reward, DPO, KTO and ORPO trainers give the same loss and gradients
-on a probe batch whether the model reads it padded or packed (trellis.train.padding_free)."""
+"""Padding-free training: TRL's SFT, reward, DPO, KTO and ORPO trainers give the same loss and gradients on a
+probe batch whether the model reads it padded or packed (trellis.train.padding_free)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from conftest import fresh_tiny_model
 from trellis.train import padding_free
 
 
-def _model(stage: str, workdir):
+def _model(stage: str, workdir, seed: int):
     """The tiny model, untrained; for the reward stage with a one-output score head."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model, tokenizer = fresh_tiny_model(workdir)
+    model, tokenizer = fresh_tiny_model(workdir, seed)
     path = workdir / "unused" / "policy"  # DPO and KTO load their reference model from the policy's path
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    torch.manual_seed(0)  # the reward model's new score head
+    torch.manual_seed(seed)  # the reward model's new score head
     if stage == "reward":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -29,7 +29,7 @@ def _model(stage: str, workdir):
 
 
 def _trainer(stage: str, workdir, model, tokenizer):
-    """A real TRL trainer of `stage` on the tiny preference pairs (unpaired for KTO), as scripts/ build them."""
+    """A real TRL trainer of `stage` on the tiny data (KTO: the pairs unpaired), as scripts/ build them."""
     from trellis.data import sources
     from trellis.data.arguments import ScriptArguments
     from trellis.stages import stage_types
@@ -45,6 +45,15 @@ def _trainer(stage: str, workdir, model, tokenizer):
         activation_checkpointing=False,
         seed=0,
     )
+    if stage == "sft":  # as scripts/sft.py builds it, with the tiny recipe's at-once loss
+        from trellis.train.arguments import ModelArguments, SFTScriptArguments
+        from trellis.train.sft import sft_trainer
+
+        data = SFTScriptArguments(datasets=[{"path": str(workdir / "data/tiny/sft/train.jsonl")}])
+        data.unchunked_loss_max_mib = 64
+        dataset = sources.load_train_eval(data, seed=0)
+        args.assistant_only_loss = True
+        return sft_trainer(model, tokenizer, args, ModelArguments(), dataset, data)
     data = ScriptArguments(datasets=[{"path": str(workdir / "data/tiny/preferences/train.jsonl")}])
     dataset = sources.load_train_eval(data, seed=0, task="unpaired" if stage == "kto" else "preference")
     if stage == "reward":
@@ -66,9 +75,9 @@ def _loss_and_gradients(trainer, batch) -> tuple[float, dict[str, torch.Tensor]]
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("stage", ["reward", "dpo", "kto", "orpo"])
-def test_packed_forward_gives_trls_padded_loss_and_gradients(workdir, stage):
-    model, tokenizer = _model(stage, workdir)
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "kto", "orpo"])
+def test_packed_forward_gives_trls_padded_loss_and_gradients(workdir, seed, stage, record_property):
+    model, tokenizer = _model(stage, workdir, seed)
     padded, packed = (_trainer(stage, workdir, copy.deepcopy(model), tokenizer) for _ in range(2))
     padding_free.pack_trainer_models(packed)
     batch = next(iter(padded.get_train_dataloader()))
@@ -85,13 +94,20 @@ def test_packed_forward_gives_trls_padded_loss_and_gradients(workdir, stage):
     assert padding_free.is_packing(packed.model)
     if getattr(packed, "ref_model", None) is not None:
         assert padding_free.is_packing(packed.ref_model)
-    # BOUND: float32 rounding of a different summation order; measured max |difference| over seeds 0-4 x 1, 2
-    # threads: see docs/test_bounds.md.
-    assert loss == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
     assert grads.keys() == expected_grads.keys() and grads
-    for name, grad in grads.items():
-        scale = expected_grads[name].abs().max().clamp_min(1e-8)
-        assert (grad - expected_grads[name]).abs().max() / scale < 1e-4, name
+    loss_difference = abs(loss - expected_loss) / max(abs(expected_loss), 1e-8)
+    gradient_difference = max(  # per parameter: largest difference relative to its largest gradient
+        ((grads[name] - expected).abs().max() / expected.abs().max().clamp_min(1e-8)).item()
+        for name, expected in expected_grads.items()
+    )
+    record_property("loss_relative_difference", loss_difference)
+    record_property("gradient_relative_difference", gradient_difference)
+    # BOUND: float32 rounding of another summation order. Measured (seeds 0-2 x 1, 2 threads, AMD EPYC): loss
+    # difference 0 in every run, gradients <= 3.6e-6 (reward; the others <= 1.1e-6). With attention leaking
+    # across the packed sequences instead: loss 0.008-0.04 (DPO and KTO 0: untrained, policy = reference),
+    # gradients 0.89-1.56 (docs/test_bounds.md).
+    assert loss_difference < 1e-5
+    assert gradient_difference < 1e-4
 
 
 def test_packing_lays_the_real_tokens_end_to_end_and_skips_what_it_cannot_pack():

@@ -53,7 +53,7 @@ class StageKind:
 
 _MODEL = "trellis.train.arguments:ModelArguments"
 _DATA = "trellis.data.arguments:ScriptArguments"
-_PREFERENCE_DATA = "trellis.train.arguments:PreferenceScriptArguments"
+_PADDED_DATA = "trellis.train.arguments:PaddingFreeScriptArguments"  # batches padded, or not
 _LOSS_DOWN = Target("eval_loss", higher_is_better=False)
 _HELD_OUT_REWARD = Target("mean_reward", higher_is_better=True)  # greedy replies to held-out prompts
 
@@ -86,7 +86,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "reward",
             "reward.py",
-            (_PREFERENCE_DATA, "trl:RewardConfig", _MODEL),
+            (_PADDED_DATA, "trl:RewardConfig", _MODEL),
             "accelerate",
             Target("eval_accuracy", higher_is_better=True),  # pairwise: chosen scored above rejected
             trains=True,
@@ -119,7 +119,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "dpo",
             "dpo.py",
-            (_PREFERENCE_DATA, "trl:DPOConfig", _MODEL),
+            (_PADDED_DATA, "trl:DPOConfig", _MODEL),
             "accelerate",
             _LOSS_DOWN,
             trains=True,
@@ -128,7 +128,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "kto",
             "dpo.py",
-            (_PREFERENCE_DATA, "trl:KTOConfig", _MODEL),
+            (_PADDED_DATA, "trl:KTOConfig", _MODEL),
             "accelerate",
             _LOSS_DOWN,
             trains=True,
@@ -137,7 +137,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "orpo",
             "dpo.py",
-            (_PREFERENCE_DATA, "trellis.train.orpo:ORPOConfig", _MODEL),
+            (_PADDED_DATA, "trellis.train.orpo:ORPOConfig", _MODEL),
             "accelerate",
             _LOSS_DOWN,
             trains=True,

@@ -40,7 +40,21 @@ class ModelArguments(ModelConfig):
 
 
 @dataclass
-class SFTScriptArguments(ScriptArguments):
+class PaddingFreeScriptArguments(ScriptArguments):
+    """The data of a stage whose batches are padded (SFT, reward, DPO, KTO, ORPO) plus how the model reads them."""
+
+    padding_free_forward: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the model on each batch's sequences laid end to end without padding, attention kept "
+            "within each sequence (trellis.train.padding_free); the trainer's losses see the same values. False: "
+            "every sequence padded to the batch's longest, as TRL does."
+        },
+    )
+
+
+@dataclass
+class SFTScriptArguments(PaddingFreeScriptArguments):
     """SFT's data plus how its loss computes the LM head (trellis.train.lm_head_loss)."""
 
     unchunked_loss_max_mib: float = field(
@@ -50,20 +64,6 @@ class SFTScriptArguments(ScriptArguments):
             "one piece, not recomputed in the backward pass, when they take at most this many MiB in float32; "
             "larger batches still go through TRL's 256-token chunks. Same loss; faster where vocabularies or "
             "completions are small. 0: always chunk, as TRL does."
-        },
-    )
-
-
-@dataclass
-class PreferenceScriptArguments(ScriptArguments):
-    """The preference stages' data (reward, DPO, KTO, ORPO) plus how the model reads a batch."""
-
-    padding_free_forward: bool = field(
-        default=False,
-        metadata={
-            "help": "Run the model on each batch's sequences packed into rows without padding, attention kept "
-            "within each sequence (trellis.train.padding_free); TRL's losses see the same values. False: "
-            "every sequence padded to the batch's longest, as TRL does."
         },
     )
 

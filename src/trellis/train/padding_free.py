@@ -1,14 +1,15 @@
-"""Padding-free forward passes for the preference stages (reward, DPO and its losses, KTO, ORPO).
+"""Padding-free forward passes for the stages whose batches TRL pads (SFT, reward, DPO, KTO, ORPO).
 
-TRL's preference collators pad every sequence of a batch (each prompt + chosen or rejected answer) to the
-batch's longest. `pack_sequences(model)` hooks the model's decoder (the `model.model` that both a causal LM
-and a sequence classifier call): a right-padded batch is laid end to end in one row, without padding, with
-position ids that restart at each sequence, and attention is kept within each sequence: by flash
-attention's varlen kernels where the model uses them (the `cu_seq_lens_*` keywords transformers passes
-down), otherwise by `packed_sdpa`, which runs PyTorch's SDPA on the sequences padded again for attention
-alone (a mask over the whole row would cost the square of its length). The decoder's output is scattered back to the padded layout, so the
-heads, TRL's losses and metrics run unchanged on the same values, computed without the padding.
-Anything else (left padding, a cache, hidden states or attentions asked for) runs as before.
+TRL's collators pad every sequence of a batch (a conversation, or a prompt with its chosen or rejected
+answer) to the batch's longest. `pack_sequences(model)` hooks the model's decoder (the `model.model` that
+both a causal LM and a sequence classifier call): a right-padded batch is laid end to end in one row,
+without padding, with position ids that restart at each sequence, and attention is kept within each
+sequence: by flash attention's varlen kernels where the model uses them (the `cu_seq_lens_*` keywords
+transformers passes down), otherwise by `packed_sdpa`, which runs PyTorch's SDPA on the sequences padded
+again for attention alone (a mask over the whole row would cost the square of its length). The decoder's
+output is scattered back to the padded layout, so the heads, TRL's losses and metrics run unchanged on
+the same values, computed without the padding. Anything else (left padding, a cache, hidden states or
+attentions asked for) runs as before.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def decoder_of(model):
 
 
 def pack_trainer_models(trainer) -> None:
-    """Padding-free forward passes for a preference trainer's policy and, where it has one, its reference."""
+    """Padding-free forward passes for a trainer's model and, where it has one, its reference model."""
     for model in (trainer.model, getattr(trainer, "ref_model", None)):
         if model is not None:
             pack_sequences(model)
@@ -38,9 +39,8 @@ def pack_sequences(model) -> None:
         return
     decoder = decoder_of(model)
     _use_packed_sdpa(decoder.config)
-    packed_call: dict[str, tuple | None] = {
-        "layout": None
-    }  # set by every call's pre-hook, read by its post-hook
+    # Set by every call's pre-hook (None: not packed), read by the same call's post-hook.
+    packed_call: dict[str, tuple | None] = {"layout": None}
 
     def pack(module, args, kwargs):
         layout = _packable(args, kwargs)
@@ -84,8 +84,8 @@ _BOUNDARIES_IN_KWARGS = torch.ones(1, 1, 0, 0, dtype=torch.bool)
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention; on a packed row (cu_seq_lens_q: the boundaries), one causal SDPA call over
-    the sequences laid out right-padded again.
+    """transformers' SDPA attention; on a packed row (cu_seq_lens_q: the boundaries), one causal SDPA call
+    over the sequences laid out right-padded again.
 
     Causal attention on right-padded rows needs no mask: a real token sees only earlier positions, which
     are all real. Only attention runs padded; the projections and MLPs, most of the work, stay packed.
@@ -154,7 +154,11 @@ def _packable(args, kwargs) -> tuple[torch.Tensor, list[int]] | None:
         return None
     if kwargs.get("position_ids") is not None or kwargs.get("inputs_embeds") is not None:
         return None
-    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+    if (
+        kwargs.get("past_key_values") is not None
+        or kwargs.get("cache") is not None
+        or kwargs.get("use_cache")
+    ):
         return None
     if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
         return None
