@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from trellis.core import threads
 from trellis.core.run_record import git_commit, package_versions, read_record
 from trellis.pipeline.plan import (
+    accelerate_layout,
     command,
     config_hash,
     decide,
@@ -34,6 +37,7 @@ from trellis.pipeline.spec import (
     load_pipeline,
     write_yaml,
 )
+from trellis.stages import stage_kind
 
 # --- the runner -------------------------------------------------------------------------------------------
 
@@ -157,7 +161,11 @@ def run_stage(
     say(f"\n==== {position} ({stage.kind}){resuming} ====\n$ {entry['command']}\nlog: {entry['log']}")
     start = time.monotonic()
     if argv:
-        returncode = stream(argv, Path(entry["log"]), {**os.environ, **pipeline.env, **stage.env})
+        env = {**os.environ, **pipeline.env, **stage.env}
+        if "OMP_NUM_THREADS" not in env:  # set by hand: kept
+            entry["threads"] = _threads(stage)
+            env = {**entry["threads"], **env}  # an OMP_WAIT_POLICY set by hand stays too
+        returncode = stream(argv, Path(entry["log"]), env)
         if returncode != 0:
             entry.update(
                 status="failed", returncode=returncode, duration_s=round(time.monotonic() - start, 1)
@@ -178,6 +186,20 @@ def run_stage(
     )
     save_state(pipeline, state)
     say(f"==== {stage.name} done in {entry['duration_s']:.0f} s ====")
+
+
+def _threads(stage: Stage) -> dict[str, str]:
+    """Each of the stage's processes gets its share of the cores free now (trellis.core.threads)."""
+    processes = (
+        accelerate_layout(stage.accelerate_config)[1]
+        if stage_kind(stage.kind).launcher == "accelerate"
+        else 1
+    )
+    environment = threads.stage_environment(processes)
+    say(
+        f"threads: {shlex.join(f'{key}={value}' for key, value in environment.items())} x {processes} process(es)"
+    )
+    return environment
 
 
 def _running_entry(stage: Stage, pipeline: Pipeline, action: str, argv: list[str] | None) -> dict:
