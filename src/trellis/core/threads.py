@@ -2,8 +2,9 @@
 
 PyTorch (through OpenMP) and `accelerate launch` size their thread pools by the machine's cores, as if the
 machine were idle. When another process holds a core, OpenMP's threads wait on each other at every
-parallel region: measured on 2 cores with one busy Python loop, the tiny reward stage's steps took 3.7x
-longer with 2 threads and 1.3x with 1 (docs/benchmarks.md, "CPU threads"). So the pipeline counts the
+parallel region: measured on 2 cores beside one busy Python loop, the tiny reward stage's steps took 2.9x
+their idle time with 2 threads and 1.3x with 1 (AMD EPYC; 3.7x and 2.7x on an Intel Xeon; docs/benchmarks.md,
+"CPU threads"). So the pipeline counts the
 cores left idle over a short sample of /proc/stat and gives each of a stage's processes its share; when
 some core is busy it also sets OpenMP's PASSIVE wait policy (threads waiting for work sleep rather than
 spin on a core another process needs), which measured as fast or faster beside a busy core and up to 2x
