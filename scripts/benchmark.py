@@ -72,12 +72,7 @@ def main() -> None:
         changed = benchmark.baseline_overrides(stage_types(stage), recipe)
         print(f"baseline: {args.config} with the trainer's defaults for {json.dumps(changed, default=str)}")
         variants["baseline"] = [arg for key, value in changed.items() for arg in (f"--{key}", str(value))]
-    fixed = [
-        *("--max_steps", str(args.steps), "--eval_strategy", "no", "--save_strategy", "no"),
-        *("--logging_steps", "1", "--report_to", "none"),
-        # Checkpoint averaging needs the checkpoints a benchmark run does not write.
-        *(("--average_last_checkpoints", "0") if stage == "pretrain" else ()),
-    ]
+    fixed = benchmark.timed_run_arguments(stage, args.steps)
     runs = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, variant_args in variants.items():

@@ -57,6 +57,7 @@ def seconds_per_step(output_dir: str, steps: int) -> float:
 
 def run_stage(stage: str, kind: str, recipe: str, steps: int, threads: int, policy: str) -> float:
     from trellis.stages import STAGES, stage_flag
+    from trellis.train.benchmark import timed_run_arguments
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("OMP_WAIT_POLICY", None)
@@ -67,9 +68,7 @@ def run_stage(stage: str, kind: str, recipe: str, steps: int, threads: int, poli
             sys.executable,
             os.path.join(SCRIPTS, STAGES[kind].script),
             *("--config", recipe, *stage_flag(kind), "--output_dir", output_dir),
-            *("--max_steps", str(steps), "--eval_strategy", "no", "--save_strategy", "no"),
-            *("--report_to", "none"),
-            *(("--average_last_checkpoints", "0") if kind == "pretrain" else ()),
+            *timed_run_arguments(kind, steps),
         ]
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         if result.returncode != 0:
@@ -98,7 +97,7 @@ def main() -> None:
         try:
             for name in args.stages.split(","):
                 kind, recipe = stages[name]["stage"], stages[name]["resolved_recipe"]
-                environment = threads.stage_environment(1)
+                environment = threads.stage_environment({}, 1)
                 chosen = f"{environment['OMP_NUM_THREADS']}:{environment.get('OMP_WAIT_POLICY', 'default')}"
                 figures = {}
                 for count, policy in settings:

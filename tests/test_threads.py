@@ -23,10 +23,16 @@ def test_a_busy_core_is_not_counted_free():
     try:
         time.sleep(0.3)  # the loop is running
         free = threads.free_cores(0.5)
-        environment = threads.stage_environment(1)
+        environment = threads.stage_environment({}, 1)
+        by_hand = threads.stage_environment({"OMP_WAIT_POLICY": "ACTIVE"}, 1)
     finally:
         busy.kill()
     # The loop holds a whole core for the sample (other work on the machine only lowers the figure).
     assert 0 <= free <= cores - 0.5, (free, cores)
     assert environment["OMP_WAIT_POLICY"] == "PASSIVE"  # waiting threads sleep rather than spin
     assert 1 <= int(environment["OMP_NUM_THREADS"]) <= max(cores - 1, 1)
+    assert "OMP_WAIT_POLICY" not in by_hand and "OMP_NUM_THREADS" in by_hand  # what is set by hand stays
+
+
+def test_threads_set_by_hand_are_kept():
+    assert threads.stage_environment({"OMP_NUM_THREADS": "3"}, 1) == {}  # e.g. make test's single thread

@@ -22,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from trellis.core import threads
+
 RECORD_NAME = "trellis_run.json"
 PACKAGES = (
     "trellis",
@@ -123,7 +125,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": model,
         "cpu_flags": flags,
         "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": len(threads.usable_cores()),
         "gpus": _gpus(),
         "os": platform.platform(),
         "python": platform.python_version(),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 
 SAMPLE_SECONDS = 0.5
 
@@ -48,13 +49,16 @@ def threads_per_process(processes: int, free: float) -> int:
     return max(1, int(round(free)) // max(processes, 1))
 
 
-def stage_environment(processes: int = 1) -> dict[str, str]:
-    """OMP_NUM_THREADS (and OMP_WAIT_POLICY on a busy machine) for each of a stage's `processes` processes."""
+def stage_environment(environment: Mapping[str, str], processes: int = 1) -> dict[str, str]:
+    """What to add to the `environment` of a stage with `processes` processes: OMP_NUM_THREADS (and
+    OMP_WAIT_POLICY on a busy machine); nothing if OMP_NUM_THREADS is set by hand, nor a variable that is."""
+    if "OMP_NUM_THREADS" in environment:
+        return {}
     free = free_cores()
-    environment = {"OMP_NUM_THREADS": str(threads_per_process(processes, free))}
+    chosen = {"OMP_NUM_THREADS": str(threads_per_process(processes, free))}
     if free < len(usable_cores()) - 0.5:
-        environment["OMP_WAIT_POLICY"] = "PASSIVE"
-    return environment
+        chosen["OMP_WAIT_POLICY"] = "PASSIVE"
+    return {key: value for key, value in chosen.items() if key not in environment}
 
 
 def _cpu_times() -> dict[int, tuple[int, int]] | None:

@@ -162,9 +162,7 @@ def run_stage(
     start = time.monotonic()
     if argv:
         env = {**os.environ, **pipeline.env, **stage.env}
-        if "OMP_NUM_THREADS" not in env:  # set by hand: kept
-            entry["threads"] = _threads(stage)
-            env = {**entry["threads"], **env}  # an OMP_WAIT_POLICY set by hand stays too
+        env |= _threads(stage, env, entry)
         returncode = stream(argv, Path(entry["log"]), env)
         if returncode != 0:
             entry.update(
@@ -188,18 +186,17 @@ def run_stage(
     say(f"==== {stage.name} done in {entry['duration_s']:.0f} s ====")
 
 
-def _threads(stage: Stage) -> dict[str, str]:
+def _threads(stage: Stage, env: dict[str, str], entry: dict) -> dict[str, str]:
     """Each of the stage's processes gets its share of the cores free now (trellis.core.threads)."""
-    processes = (
-        accelerate_layout(stage.accelerate_config)[1]
-        if stage_kind(stage.kind).launcher == "accelerate"
-        else 1
-    )
-    environment = threads.stage_environment(processes)
-    say(
-        f"threads: {shlex.join(f'{key}={value}' for key, value in environment.items())} x {processes} process(es)"
-    )
-    return environment
+    accelerate = stage_kind(stage.kind).launcher == "accelerate"
+    processes = accelerate_layout(stage.accelerate_config)[1] if accelerate else 1
+    chosen = threads.stage_environment(env, processes)
+    if chosen:
+        entry["threads"] = chosen
+        say(
+            f"threads: {shlex.join(f'{key}={value}' for key, value in chosen.items())} x {processes} process(es)"
+        )
+    return chosen
 
 
 def _running_entry(stage: Stage, pipeline: Pipeline, action: str, argv: list[str] | None) -> dict:

@@ -75,6 +75,16 @@ def baseline_overrides(stage_types: tuple[type, ...], recipe: dict) -> dict[str,
     return {key: changed[key] for key in sorted(changed, key=list(recipe).index)}  # in the recipe's order
 
 
+def timed_run_arguments(stage: str, steps: int) -> list[str]:
+    """Command-line overrides of a timed run: `steps` optimizer steps, no evaluation, checkpoints or reporting."""
+    return [
+        *("--max_steps", str(steps), "--eval_strategy", "no", "--save_strategy", "no"),
+        *("--logging_steps", "1", "--report_to", "none"),
+        # Checkpoint averaging needs the checkpoints a timed run does not write.
+        *(("--average_last_checkpoints", "0") if stage == "pretrain" else ()),
+    ]
+
+
 def _field_names(cls: type) -> set[str]:
     return {spec.name for spec in dataclasses.fields(cls)}
 
