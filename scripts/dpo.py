@@ -36,7 +36,7 @@ def main() -> None:
     trainer_class = _trainer_class(stage)
 
     from trellis.data import chat, sources
-    from trellis.train import models, padding_free
+    from trellis.train import lm_head_loss, models, padding_free
     from trellis.train.run import save_final_model, start_training_run, train_and_evaluate
 
     with start_training_run(stage, script_args, training_args, model_args) as record:
@@ -56,6 +56,7 @@ def main() -> None:
             processing_class=tokenizer,
             peft_config=models.peft_config(model_args),
         )
+        lm_head_loss.log_probs_at_once(trainer, script_args.unchunked_loss_max_mib)
         if script_args.padding_free_forward:
             padding_free.pack_trainer_models(trainer)
         train_and_evaluate(trainer, record, script_args.eval_before_training)

@@ -194,6 +194,62 @@ def fresh_tiny_model(workdir: Path, seed: int = 0):
     return model, tokenizer
 
 
+def fresh_stage_model(stage: str, workdir: Path, seed: int):
+    """The tiny model, untrained, and its tokenizer; for the reward stage with a one-output score head."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model, tokenizer = fresh_tiny_model(workdir, seed)
+    path = workdir / "unused" / "policy"  # DPO and KTO load their reference model from the policy's path
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)  # the reward model's new score head
+    if stage == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(path), tokenizer
+
+
+def stage_trainer(stage: str, workdir: Path, model, tokenizer):
+    """A real TRL trainer of `stage` on the tiny data (KTO: the pairs unpaired), as scripts/ build them."""
+    from trellis.data import sources
+    from trellis.data.arguments import ScriptArguments
+    from trellis.stages import stage_types
+
+    config_class = stage_types(stage)[1]
+    args = config_class(
+        output_dir=str(workdir / "unused"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        per_device_train_batch_size=16,
+        max_length=128,
+        activation_checkpointing=False,
+        seed=0,
+    )
+    if stage == "sft":  # as scripts/sft.py builds it, with the tiny recipe's at-once loss
+        from trellis.train.arguments import ModelArguments, TokenLossScriptArguments
+        from trellis.train.sft import sft_trainer
+
+        data = TokenLossScriptArguments(datasets=[{"path": str(workdir / "data/tiny/sft/train.jsonl")}])
+        data.unchunked_loss_max_mib = 64
+        dataset = sources.load_train_eval(data, seed=0)
+        args.assistant_only_loss = True
+        return sft_trainer(model, tokenizer, args, ModelArguments(), dataset, data)
+    data = ScriptArguments(datasets=[{"path": str(workdir / "data/tiny/preferences/train.jsonl")}])
+    dataset = sources.load_train_eval(data, seed=0, task="unpaired" if stage == "kto" else "preference")
+    if stage == "reward":
+        from trl import RewardTrainer as trainer_class
+    elif stage == "orpo":
+        from trellis.train.orpo import ORPOTrainer as trainer_class
+    else:
+        from trl import DPOTrainer, KTOTrainer
+
+        trainer_class = KTOTrainer if stage == "kto" else DPOTrainer
+    return trainer_class(model=model, args=args, train_dataset=dataset["train"], processing_class=tokenizer)
+
+
 @pytest.fixture(scope="session")
 def language_model(workdir, seed, tmp_path_factory) -> Path:
     """The tiny model (recipes/tiny/model.json) trained in-process on the tiny corpus and the SFT

@@ -1,4 +1,5 @@
-"""SFT's loss with the loss tokens' logits computed at once equals TRL's chunked loss, metrics and gradients."""
+"""Loss-token log-probabilities computed at once equal TRL's: SFT's chunked loss, metrics and gradients, and the
+losses and gradients of DPO, KTO and ORPO without TRL's per-sequence loop."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import copy
 
 import pytest
 import torch
+from conftest import fresh_stage_model, stage_trainer
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from trellis.train.arguments import ModelArguments
-from trellis.train.lm_head_loss import compute_small_logits_at_once
+from trellis.train.lm_head_loss import compute_small_logits_at_once, log_probs_at_once
 from trellis.train.models import load_model
 
 
@@ -50,7 +52,8 @@ def _loss_and_gradients(trainer, batch, num_items_in_batch=None):
     model.zero_grad()
     loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items_in_batch)
     loss.backward()
-    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items() if values}
+    logged = getattr(trainer, "_metrics", {}).get("train", {})  # (ORPO logs through its own store)
+    metrics = {name: values[-1] for name, values in logged.items() if values}
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}, metrics
 
 
@@ -98,3 +101,30 @@ def test_logits_over_the_budget_go_through_trls_chunks(workdir):
     loss, _, _ = _loss_and_gradients(at_once, batch)
     assert calls == []
     assert loss == pytest.approx(_loss_and_gradients(chunked, batch)[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "orpo"])
+def test_log_probs_at_once_give_trls_preference_losses_and_gradients_without_its_loop(
+    workdir, stage, monkeypatch
+):
+    from trl.trainer import utils as trl_utils
+
+    model, tokenizer = fresh_stage_model(stage, workdir, seed=0)
+    looped, at_once = (stage_trainer(stage, workdir, copy.deepcopy(model), tokenizer) for _ in range(2))
+    log_probs_at_once(at_once, max_mib=64)
+    batch = next(iter(looped.get_train_dataloader()))
+    loops = []
+    selective_log_softmax = trl_utils.selective_log_softmax
+    monkeypatch.setattr(
+        trl_utils, "selective_log_softmax", lambda *args: loops.append(1) or selective_log_softmax(*args)
+    )
+
+    expected_loss, expected_grads, _ = _loss_and_gradients(looped, copy.deepcopy(batch))
+    assert loops  # the other trainer still takes TRL's loop
+    loops.clear()
+    loss, grads, _ = _loss_and_gradients(at_once, copy.deepcopy(batch))
+
+    assert not loops
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    for name, grad in grads.items():  # the same formula, term by term: equal up to float32 rounding
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -54,6 +54,7 @@ class StageKind:
 _MODEL = "trellis.train.arguments:ModelArguments"
 _DATA = "trellis.data.arguments:ScriptArguments"
 _PADDED_DATA = "trellis.train.arguments:PaddingFreeScriptArguments"  # batches padded, or not
+_TOKEN_LOSS_DATA = "trellis.train.arguments:TokenLossScriptArguments"  # ... and a loss on tokens' log-probs
 _LOSS_DOWN = Target("eval_loss", higher_is_better=False)
 _HELD_OUT_REWARD = Target("mean_reward", higher_is_better=True)  # greedy replies to held-out prompts
 
@@ -77,7 +78,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "sft",
             "sft.py",
-            ("trellis.train.arguments:SFTScriptArguments", "trl:SFTConfig", _MODEL),
+            (_TOKEN_LOSS_DATA, "trl:SFTConfig", _MODEL),
             "accelerate",
             _LOSS_DOWN,
             trains=True,
@@ -119,7 +120,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "dpo",
             "dpo.py",
-            (_PADDED_DATA, "trl:DPOConfig", _MODEL),
+            (_TOKEN_LOSS_DATA, "trl:DPOConfig", _MODEL),
             "accelerate",
             _LOSS_DOWN,
             trains=True,
@@ -128,7 +129,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "kto",
             "dpo.py",
-            (_PADDED_DATA, "trl:KTOConfig", _MODEL),
+            (_TOKEN_LOSS_DATA, "trl:KTOConfig", _MODEL),
             "accelerate",
             _LOSS_DOWN,
             trains=True,
@@ -137,7 +138,7 @@ STAGES: dict[str, StageKind] = {
         StageKind(
             "orpo",
             "dpo.py",
-            (_PADDED_DATA, "trellis.train.orpo:ORPOConfig", _MODEL),
+            (_TOKEN_LOSS_DATA, "trellis.train.orpo:ORPOConfig", _MODEL),
             "accelerate",
             _LOSS_DOWN,
             trains=True,
@@ -148,7 +149,7 @@ STAGES: dict[str, StageKind] = {
             "distill",
             "distill.py",
             (
-                "trellis.train.arguments:SFTScriptArguments",
+                _TOKEN_LOSS_DATA,
                 "trellis.train.distillation:DistillConfig",
                 _MODEL,
             ),

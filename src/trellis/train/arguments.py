@@ -54,16 +54,17 @@ class PaddingFreeScriptArguments(ScriptArguments):
 
 
 @dataclass
-class SFTScriptArguments(PaddingFreeScriptArguments):
-    """SFT's data plus how its loss computes the LM head (trellis.train.lm_head_loss)."""
+class TokenLossScriptArguments(PaddingFreeScriptArguments):
+    """The data of a stage whose loss takes log-probabilities of tokens (SFT, DPO, KTO, ORPO), plus how it
+    computes them (trellis.train.lm_head_loss)."""
 
     unchunked_loss_max_mib: float = field(
         default=0.0,
         metadata={
-            "help": "With loss_type chunked_nll (TRL's default): compute the logits of a batch's loss tokens in "
-            "one piece, not recomputed in the backward pass, when they take at most this many MiB in float32; "
-            "larger batches still go through TRL's 256-token chunks. Same loss; faster where vocabularies or "
-            "completions are small. 0: always chunk, as TRL does."
+            "help": "Compute the log-probabilities of a batch's loss tokens in one piece when their logits take "
+            "at most this many MiB in float32, where TRL splits them to bound memory: SFT's chunked_nll (256-token "
+            "chunks, each recomputed in the backward pass), the per-sequence loop of DPO, KTO and ORPO. Same loss; "
+            "faster where vocabularies or sequences are small. 0: as TRL does."
         },
     )
 

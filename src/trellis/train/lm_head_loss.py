@@ -1,17 +1,22 @@
-"""SFT's loss with the LM head computed at once on the loss tokens, where their logits are small.
+"""Loss-token log-probabilities computed in one piece where their logits are small.
 
-TRL's default SFT loss (`chunked_nll`) runs the LM head on the tokens the loss is taken on only,
-256 tokens at a time, each chunk checkpointed and recomputed in the backward pass, so the logits
-of a 128k vocabulary never exist for a whole batch. Where they would be small (small vocabularies,
-short completions) that costs more than it saves: the tiny default spends about a fifth of its
-forward and backward time in it. `compute_small_logits_at_once` keeps TRL's loss, metrics and every
-special case, and computes a batch's loss-token logits in one piece, without recomputation, when
-they take at most `max_mib` MiB in float32; larger batches still go through TRL's chunks.
+TRL bounds the memory of the logits its losses take log-probabilities of by splitting them. SFT's
+default loss (`chunked_nll`) runs the LM head on the loss tokens only, 256 tokens at a time, each chunk
+checkpointed and recomputed in the backward pass, so the logits of a 128k vocabulary never exist for a
+whole batch; DPO, KTO and ORPO take each sequence's log-softmax in a Python loop (`selective_log_softmax`).
+Where the logits are small (small vocabularies, short sequences) that costs more than it saves: the
+tiny SFT spends about a fifth of its forward and backward time in the chunks, the tiny DPO a tenth in
+the loop. `compute_small_logits_at_once` (SFT) and `log_probs_at_once` (DPO, KTO, ORPO) keep TRL's
+losses, metrics and special cases and compute the same values in one piece when the logits take at most
+`max_mib` MiB; larger batches still go TRL's way.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import inspect
+import sys
 import types
 
 import torch
@@ -88,3 +93,47 @@ def compute_small_logits_at_once(trainer, max_mib: float) -> None:
 
     forward.__signature__ = inspect.signature(chunked_forward.__func__)  # generate() checks its kwargs on it
     model.forward = types.MethodType(forward, model)
+
+
+# The bound `log_probs_at_once` set for the loss being computed (0: TRL's loop); read by _selective_log_softmax.
+_AT_ONCE_MAX_BYTES = contextvars.ContextVar("trellis_log_probs_at_once_max_bytes", default=0)
+
+
+def log_probs_at_once(trainer, max_mib: float) -> None:
+    """Take the log-softmax of a whole batch's logits at once in `trainer`'s loss when they take at most
+    `max_mib` MiB, not TRL's per-sequence loop (DPO, KTO, ORPO; call after building the trainer).
+
+    The modules of the trainer's classes get `_selective_log_softmax` for TRL's `selective_log_softmax`. It
+    follows TRL's own unless called inside this trainer's `compute_loss`, so other trainers are unaffected.
+    """
+    from trl.trainer import utils as trl_utils
+
+    if not max_mib:
+        return
+    for cls in type(trainer).__mro__:
+        module = sys.modules[cls.__module__]
+        if getattr(module, "selective_log_softmax", None) is trl_utils.selective_log_softmax:
+            module.selective_log_softmax = _selective_log_softmax
+    compute_loss = trainer.compute_loss
+    max_bytes = int(max_mib * 2**20)
+
+    @functools.wraps(compute_loss)
+    def compute_loss_at_once(*args, **kwargs):
+        bound = _AT_ONCE_MAX_BYTES.set(max_bytes)
+        try:
+            return compute_loss(*args, **kwargs)
+        finally:
+            _AT_ONCE_MAX_BYTES.reset(bound)
+
+    trainer.compute_loss = compute_loss_at_once
+
+
+def _selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """TRL's `selective_log_softmax` (log_softmax(logits) at `index`), in one piece when `log_probs_at_once`
+    allows it: the same float32 formula as TRL's (the logit minus its row's logsumexp), without the loop."""
+    from trl.trainer.utils import selective_log_softmax
+
+    small = logits.numel() * logits.element_size() <= _AT_ONCE_MAX_BYTES.get()
+    if not small or logits.dtype not in (torch.float32, torch.float64) or index.ndim != logits.ndim - 1:
+        return selective_log_softmax(logits, index)
+    return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)

@@ -6,13 +6,16 @@ both a causal LM and a sequence classifier call): a right-padded batch is laid e
 without padding, with position ids that restart at each sequence, and attention is kept within each
 sequence: by flash attention's varlen kernels where the model uses them (the `cu_seq_lens_*` keywords
 transformers passes down), otherwise by `packed_sdpa`, which runs PyTorch's SDPA on the sequences padded
-again for attention alone (a mask over the whole row would cost the square of its length). The decoder's
-output is scattered back to the padded layout, so the heads, TRL's losses and metrics run unchanged on
-the same values, computed without the padding. Anything else (left padding, a cache, hidden states or
-attentions asked for) runs as before.
+again for attention alone (a mask over the whole row would cost the square of its length). On
+`packed_sdpa` a prefix that rows share (the prompt of a chosen and a rejected answer) is computed once
+(`PackedLayout`). The decoder's output is scattered back to the padded layout, so the heads, TRL's losses
+and metrics run unchanged on the same values, computed without the padding. Anything else (left padding,
+a cache, hidden states or attentions asked for) runs as before.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -39,39 +42,40 @@ def pack_sequences(model) -> None:
         return
     decoder = decoder_of(model)
     _use_packed_sdpa(decoder.config)
+    share = shares_prefixes(model)
     # Set by every call's pre-hook (None: not packed), read by the same call's post-hook.
-    packed_call: dict[str, tuple | None] = {"layout": None}
+    packed_call: dict[str, PackedLayout | None] = {"layout": None}
 
     def pack(module, args, kwargs):
-        layout = _packable(args, kwargs)
+        packable = _packable(args, kwargs)
         packed_call["layout"] = None
-        if layout is None:
+        if packable is None:
             return None
-        input_ids, lengths = layout
-        packed_ids, position_ids, padded_index = _pack(input_ids, lengths)
-        packed_call["layout"] = (padded_index, tuple(input_ids.shape))
-        bounds = torch.tensor([0, *lengths], device=input_ids.device).cumsum(0, dtype=torch.int32)
+        input_ids, lengths = packable
+        layout = PackedLayout.of(input_ids, lengths, share)
+        if layout.tokens == input_ids.numel():  # no padding and nothing shared: nothing to remove
+            return None
+        packed_call["layout"] = layout
+        positions = torch.arange(layout.width, device=input_ids.device).expand_as(input_ids)
         packed = {
-            "input_ids": packed_ids,
-            "position_ids": position_ids,
-            # transformers uses a 4D mask as it is: this empty one says the boundaries are in cu_seq_lens
-            "attention_mask": _BOUNDARIES_IN_KWARGS.to(input_ids.device)
-            if _uses_packed_sdpa(module)
-            else None,
+            "input_ids": layout.to_packed(input_ids)[None],
+            "position_ids": layout.to_packed(positions)[None],
             "use_cache": False,  # with a cache, transformers would ignore the sequence boundaries
-            **{"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds},
-            **{"max_length_q": max(lengths), "max_length_k": max(lengths)},
         }
+        if _uses_packed_sdpa(module):
+            # transformers uses a 4D mask as it is: this empty one says the layout is in the keywords
+            packed |= {"attention_mask": _LAYOUT_IN_KWARGS.to(input_ids.device), PACKED_LAYOUT: layout}
+        else:  # flash attention reads the sequence boundaries
+            bounds = torch.tensor([0, *lengths], device=input_ids.device).cumsum(0, dtype=torch.int32)
+            packed |= {"attention_mask": None, "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
+            packed |= {"max_length_q": max(lengths), "max_length_k": max(lengths)}
         return (), {**kwargs, **packed}
 
     def unpack(module, args, kwargs, output):
-        if packed_call["layout"] is None:
+        layout, packed_call["layout"] = packed_call["layout"], None
+        if layout is None:
             return None
-        padded_index, (batch, width) = packed_call["layout"]
-        packed_call["layout"] = None
-        flat = output.last_hidden_state[0]
-        padded = flat.new_zeros(batch * width, flat.shape[-1]).index_copy(0, padded_index, flat)
-        output.last_hidden_state = padded.view(batch, width, -1)
+        output.last_hidden_state = layout.to_padded(output.last_hidden_state[0])
         return output
 
     decoder.register_forward_pre_hook(pack, with_kwargs=True)
@@ -79,39 +83,85 @@ def pack_sequences(model) -> None:
     decoder._trellis_padding_free = True
 
 
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each position of a right-padded batch (rows x width) is computed in the packed row.
+
+    Every real token is computed once: with `share_prefixes`, a token whose row agrees with an earlier row
+    up to and including it (a pair's shared prompt) is computed in the earliest such row only. Causal
+    attention makes that exact: a token's hidden states depend on the tokens up to it alone.
+    """
+
+    rows: int
+    width: int
+    packed_positions: torch.Tensor  # (tokens,): the flat padded position each packed token is computed at
+    gather_index: torch.Tensor  # (rows * width,): the packed token of each padded position; padding: `tokens`
+
+    @property
+    def tokens(self) -> int:
+        return len(self.packed_positions)
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, lengths: list[int], share_prefixes: bool) -> PackedLayout:
+        rows, width = input_ids.shape
+        device = input_ids.device
+        positions = torch.arange(width, device=device)
+        real = positions < torch.tensor(lengths, device=device)[:, None]
+        row_ids = torch.arange(rows, device=device)[:, None]
+        computed_in = row_ids.expand(rows, width)  # the row whose copy of each token is computed
+        if share_prefixes:
+            shared = _shared_prefix_lengths(input_ids, real)
+            # the first row that agrees with this one up to and including the token
+            computed_in = (shared[:, None, :] > positions[None, :, None]).to(torch.uint8).argmax(2)
+        packed_positions = (real & (computed_in == row_ids)).flatten().nonzero().squeeze(1)
+        tokens = len(packed_positions)
+        rank = torch.full((rows * width,), tokens, device=device)
+        rank[packed_positions] = torch.arange(tokens, device=device)
+        gather_index = torch.where(real, rank.view(rows, width).gather(0, computed_in), tokens)
+        return cls(rows, width, packed_positions, gather_index.flatten())
+
+    def to_packed(self, padded: torch.Tensor) -> torch.Tensor:
+        """(rows, width, ...) -> (tokens, ...): each packed token's value, from the row that computes it."""
+        return padded.flatten(0, 1).index_select(0, self.packed_positions)
+
+    def to_padded(self, packed: torch.Tensor) -> torch.Tensor:
+        """(tokens, ...) -> (rows, width, ...): every row's tokens, shared ones repeated, zeros for padding."""
+        with_zeros = torch.cat([packed, packed.new_zeros(1, *packed.shape[1:])])
+        return with_zeros.index_select(0, self.gather_index).view(self.rows, self.width, *packed.shape[1:])
+
+
 PACKED_SDPA = "trellis_packed_sdpa"
-_BOUNDARIES_IN_KWARGS = torch.ones(1, 1, 0, 0, dtype=torch.bool)
+PACKED_LAYOUT = "trellis_packed_layout"  # the keyword that carries a call's PackedLayout down to packed_sdpa
+_LAYOUT_IN_KWARGS = torch.ones(1, 1, 0, 0, dtype=torch.bool)
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention; on a packed row (cu_seq_lens_q: the boundaries), one causal SDPA call
-    over the sequences laid out right-padded again.
+    """transformers' SDPA attention; on a packed row, one causal SDPA call over its sequences laid out
+    right-padded again (shared prefixes repeated in each row that shares them).
 
     Causal attention on right-padded rows needs no mask: a real token sees only earlier positions, which
     are all real. Only attention runs padded; the projections and MLPs, most of the work, stay packed.
     """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None or attention_mask is None or attention_mask.numel() != 0:  # not a packed call
+    layout = kwargs.pop(PACKED_LAYOUT, None)
+    if layout is None:
+        if attention_mask is not None and attention_mask.numel() == 0:
+            raise RuntimeError(
+                f"{type(module).__name__} does not pass attention keywords down to its attention function, "
+                "so it cannot run packed: set padding_free_forward: false"
+            )
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    lengths = bounds.diff()
-    width = int(kwargs["max_length_q"])
-    starts = bounds[:-1].repeat_interleave(lengths)
-    rows = torch.arange(len(lengths), device=query.device).repeat_interleave(lengths)
-    padded_index = rows * width + torch.arange(query.shape[2], device=query.device) - starts
 
-    def padded(states):  # (1, heads, tokens, dim) -> (sequences, heads, width, dim)
-        tokens = states[0].transpose(0, 1)
-        out = tokens.new_zeros(len(lengths) * width, *tokens.shape[1:]).index_copy(0, padded_index, tokens)
-        return out.view(len(lengths), width, *tokens.shape[1:]).transpose(1, 2)
+    def padded(states):  # (1, heads, tokens, dim) -> (rows, heads, width, dim)
+        return layout.to_padded(states[0].transpose(0, 1)).transpose(1, 2)
 
     output = torch.nn.functional.scaled_dot_product_attention(
         padded(query), padded(key), padded(value), dropout_p=dropout, scale=scaling, is_causal=True
     )
-    return output.transpose(1, 2).flatten(0, 1).index_select(0, padded_index)[None], None
+    return layout.to_packed(output.transpose(1, 2))[None], None
 
 
 def _use_packed_sdpa(config) -> None:
@@ -140,14 +190,35 @@ def is_packing(model) -> bool:
     return getattr(decoder_of(model), "_trellis_padding_free", False)
 
 
-def processed_tokens(attention_mask: torch.Tensor) -> int:
-    """Tokens a packed forward pass computes on for this batch: the real ones, unless it cannot be packed."""
+def shares_prefixes(model) -> bool:
+    """Whether `model`'s packed forward passes compute a prefix rows share once: on `packed_sdpa`, the only
+    attention here that takes a shared layout, and without dropout, which would differ between the copies."""
+    decoder = decoder_of(model)
+    dropout = getattr(decoder.config, "attention_dropout", 0.0) or any(
+        isinstance(module, torch.nn.Dropout) and module.p > 0 for module in decoder.modules()
+    )
+    return _uses_packed_sdpa(decoder) and not dropout
+
+
+def processed_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, share_prefixes: bool) -> int:
+    """Tokens a packed forward pass computes on for this batch: each real one once, unless it cannot pack."""
     lengths = _right_padded_lengths(attention_mask)
-    return attention_mask.numel() if lengths is None else sum(lengths)
+    if lengths is None:
+        return attention_mask.numel()
+    if not share_prefixes:
+        return sum(lengths)
+    shared = _shared_prefix_lengths(input_ids, attention_mask.bool()).tril(-1)  # with earlier rows
+    return sum(lengths) - int(shared.amax(1).sum())  # a row computes what it shares with no earlier row
+
+
+def _shared_prefix_lengths(input_ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(rows, rows): how many leading real tokens each two rows have in common."""
+    same = (input_ids[:, None] == input_ids[None]) & real[:, None] & real[None]
+    return same.to(torch.uint8).cumprod(2).sum(2)
 
 
 def _packable(args, kwargs) -> tuple[torch.Tensor, list[int]] | None:
-    """(input_ids, sequence lengths) of a right-padded training-style call that has padding, else None."""
+    """(input_ids, sequence lengths) of a right-padded training-style call, else None."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     if len(args) > 2 or input_ids is None or attention_mask is None:
@@ -167,22 +238,11 @@ def _packable(args, kwargs) -> tuple[torch.Tensor, list[int]] | None:
 
 
 def _right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
-    """Each row's length if the rows are right-padded and some have padding, else None."""
+    """Each row's length if the rows are right-padded, else None."""
     if attention_mask.dim() != 2:
         return None
     mask = attention_mask.bool()
     lengths = mask.sum(1)
-    right_padded = torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])
-    if not right_padded or bool(mask.all()):
+    if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):
         return None
     return lengths.tolist()
-
-
-def _pack(input_ids: torch.Tensor, lengths: list[int]):
-    """The real tokens of a right-padded batch in one row, their position ids (restarting at each sequence),
-    and where each came from in the flattened padded batch."""
-    device = input_ids.device
-    mask = torch.arange(input_ids.shape[1], device=device) < torch.tensor(lengths, device=device)[:, None]
-    position_ids = torch.arange(input_ids.shape[1], device=device).expand_as(mask)[mask]
-    padded_index = mask.flatten().nonzero().squeeze(1)
-    return input_ids[mask][None], position_ids[None], padded_index

@@ -17,7 +17,7 @@ class SFTTrainer(CpuShardingMixin, trl.SFTTrainer):
 
 def sft_trainer(model, tokenizer, training_args, model_args, dataset, script_args) -> SFTTrainer:
     """A checked SFTTrainer on `dataset` (its `train` split, and `test` when there is one), with the speed
-    settings of `script_args` (an SFTScriptArguments)."""
+    settings of `script_args` (a TokenLossScriptArguments)."""
     trainer = SFTTrainer(
         model=model,
         args=training_args,

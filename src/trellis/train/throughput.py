@@ -43,12 +43,14 @@ class CountingCollator:
     (packed SFT, pretraining blocks): its real tokens are the examples' own. The counts travel in
     the batch (as `COUNTS_KEY`) because the collator runs in the dataloader's worker processes when
     there are any; the meter takes them out before the trainer sees the batch. With `packs_sequences`
-    (trellis.train.padding_free) the model computes on the packed rows, not the padded batch.
+    (trellis.train.padding_free) the model computes on the packed rows, not the padded batch, and with
+    `shares_prefixes` on each shared prefix once.
     """
 
-    def __init__(self, collator, packs_sequences: bool = False) -> None:
+    def __init__(self, collator, packs_sequences: bool = False, shares_prefixes: bool = False) -> None:
         self.collator = collator
         self.packs_sequences = packs_sequences
+        self.shares_prefixes = shares_prefixes
 
     def __call__(self, examples):
         batch = self.collator(examples)
@@ -62,7 +64,9 @@ class CountingCollator:
             else:
                 real += sum(len(example[key]) for example in examples if key in example) or ids.numel()
             packed = self.packs_sequences and mask is not None
-            processed += padding_free.processed_tokens(mask) if packed else ids.numel()
+            processed += (
+                padding_free.processed_tokens(ids, mask, self.shares_prefixes) if packed else ids.numel()
+            )
             row_length = max(row_length, ids.shape[-1])
         batch[COUNTS_KEY] = torch.tensor([real, processed, row_length])
         return batch
@@ -224,7 +228,10 @@ def attach(trainer, warmup_steps: int = WARMUP_STEPS) -> ThroughputMeter:
     hands each batch's counts to the meter; evaluation keeps the original collator (restored once
     training begins, after the training dataloader exists).
     """
-    collator = CountingCollator(trainer.data_collator, padding_free.is_packing(trainer.model))
+    packing = padding_free.is_packing(trainer.model)
+    collator = CountingCollator(
+        trainer.data_collator, packing, packing and padding_free.shares_prefixes(trainer.model)
+    )
     trainer.data_collator = collator
     meter = ThroughputMeter(
         warmup_steps, restore=lambda: setattr(trainer, "data_collator", collator.collator)
