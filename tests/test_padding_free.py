@@ -37,6 +37,11 @@ def test_packed_forward_gives_trls_padded_loss_and_gradients(workdir, seed, stag
             with_kwargs=True,
             prepend=before_packing,
         )
+    head_tokens = []  # per call of the packed policy's LM head: the positions it computed logits for
+    if packed.model.get_output_embeddings() is not None:
+        packed.model.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: head_tokens.append(args[0].shape[:-1].numel())
+        )
 
     expected_loss, expected_grads = _loss_and_gradients(padded, batch)
     loss, grads = _loss_and_gradients(packed, batch)
@@ -47,6 +52,8 @@ def test_packed_forward_gives_trls_padded_loss_and_gradients(workdir, seed, stag
     # Each token computed once: the prompts' chat-template openings, and a pair's prompt, shared by its rows
     # (measured here: SFT 508 of 627 real tokens, reward and DPO 606 of 1,248).
     assert all(done < given for done, given in zip(computed, real, strict=True)), (computed, real)
+    if stage in ("dpo", "kto", "orpo"):  # through the causal LM's own forward the LM head runs packed too
+        assert head_tokens == computed
     assert padding_free.is_packing(packed.model)
     if getattr(packed, "ref_model", None) is not None:
         assert padding_free.is_packing(packed.ref_model)
@@ -74,7 +81,7 @@ def test_packing_lays_the_real_tokens_end_to_end_and_skips_what_it_cannot_pack()
     assert layout.to_packed(ids).tolist() == [5, 6, 7, 8, 9, 1, 2, 3, 4, 7]
     assert layout.to_packed(torch.arange(4).expand(4, 4)).tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3, 0]
     assert torch.equal(layout.to_padded(layout.to_packed(ids)), ids)  # padding comes back as zeros
-    assert padding_free.processed_tokens(ids, mask, share_prefixes=True) == 10
+    assert layout.tokens == padding_free.processed_tokens(ids, mask, share_prefixes=True) == 10
     assert padding_free._right_padded_lengths(mask.flip(1)) is None  # left padding: run as it is
 
 
@@ -87,5 +94,5 @@ def test_a_prefix_rows_share_is_computed_once_in_the_first_of_them():
     assert shared.to_packed(ids).tolist() == [5, 6, 7, 9, 4, 7, 6]
     assert shared.to_packed(torch.arange(4).expand(4, 4)).tolist() == [0, 1, 2, 2, 3, 0, 1]
     assert torch.equal(shared.to_padded(shared.to_packed(ids)), ids)
-    assert padding_free.processed_tokens(ids, mask, share_prefixes=True) == 7
+    assert shared.tokens == padding_free.processed_tokens(ids, mask, share_prefixes=True) == 7
     assert padding_free.processed_tokens(ids, mask, share_prefixes=False) == 12

@@ -22,11 +22,17 @@ import torch
 
 def decoder_of(model):
     """The transformer body a task model (causal LM, sequence classifier, a peft or DDP wrapper) calls."""
+    task_model = _task_model(model)
+    return getattr(task_model, task_model.base_model_prefix)
+
+
+def _task_model(model):
+    """The transformers model with the task's head (a causal LM, a sequence classifier) under any wrappers."""
     while hasattr(model, "module"):  # DDP / DeepSpeed wrappers
         model = model.module
     if hasattr(model, "get_base_model"):  # peft
         model = model.get_base_model()
-    return getattr(model, model.base_model_prefix)
+    return model
 
 
 def pack_trainer_models(trainer) -> None:
@@ -37,18 +43,33 @@ def pack_trainer_models(trainer) -> None:
 
 
 def pack_sequences(model) -> None:
-    """Run `model`'s decoder on right-padded batches packed without padding (see the module docstring)."""
+    """Run `model`'s decoder on right-padded batches packed without padding (see the module docstring).
+
+    Called through a causal LM's own forward (as DPO, KTO and ORPO call it), the LM head runs packed too
+    and its logits are scattered back; where a trainer replaced the forward to take the head itself
+    (TRL's SFT loss), or the model has no LM head, the decoder's output is.
+    """
     if is_packing(model):
         return
+    task_model = _task_model(model)
     decoder = decoder_of(model)
+    lm_head = task_model.get_output_embeddings()
     _use_packed_sdpa(decoder.config)
     share = shares_prefixes(model)
-    # Set by every call's pre-hook (None: not packed), read by the same call's post-hook.
-    packed_call: dict[str, PackedLayout | None] = {"layout": None}
+    # The layout of the call under way (set by the decoder's pre-hook, None: not packed) and, inside the
+    # causal LM's own forward, its LM head, which then takes the packed output.
+    packed_call: dict[str, object] = {"layout": None, "head": None}
+
+    def enter_task_forward(module, args, kwargs):
+        own_forward = "forward" not in vars(module)  # TRL's SFT loss replaces the instance's forward
+        packed_call["head"] = lm_head if own_forward else None
+
+    def leave_task_forward(module, args, kwargs, output):
+        packed_call["head"] = packed_call["layout"] = None
 
     def pack(module, args, kwargs):
-        packable = _packable(args, kwargs)
         packed_call["layout"] = None
+        packable = _packable(args, kwargs)
         if packable is None:
             return None
         input_ids, lengths = packable
@@ -72,14 +93,31 @@ def pack_sequences(model) -> None:
         return (), {**kwargs, **packed}
 
     def unpack(module, args, kwargs, output):
-        layout, packed_call["layout"] = packed_call["layout"], None
-        if layout is None:
+        layout = packed_call["layout"]
+        if layout is None or packed_call["head"] is not None:  # not packed, or the LM head unpacks
             return None
+        packed_call["layout"] = None
         output.last_hidden_state = layout.to_padded(output.last_hidden_state[0])
         return output
 
+    def unpack_logits(module, args, output):
+        layout = packed_call["layout"]
+        if layout is None or packed_call["head"] is not module:
+            return None
+        packed_call["layout"] = None
+        if output.shape[:2] != (1, layout.tokens):
+            raise RuntimeError(
+                f"a packed forward pass took logits of {output.shape[1]} of its {layout.tokens} tokens "
+                "(logits_to_keep?); set padding_free_forward: false"
+            )
+        return layout.to_padded(output[0])
+
     decoder.register_forward_pre_hook(pack, with_kwargs=True)
     decoder.register_forward_hook(unpack, with_kwargs=True)
+    if lm_head is not None:
+        task_model.register_forward_pre_hook(enter_task_forward, with_kwargs=True)
+        task_model.register_forward_hook(leave_task_forward, with_kwargs=True)
+        lm_head.register_forward_hook(unpack_logits)
     decoder._trellis_padding_free = True
 
 
