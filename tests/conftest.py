@@ -250,6 +250,15 @@ def stage_trainer(stage: str, workdir: Path, model, tokenizer):
     return trainer_class(model=model, args=args, train_dataset=dataset["train"], processing_class=tokenizer)
 
 
+def largest_gradient_difference(grads: dict, expected_grads: dict) -> float:
+    """Over the parameters: the largest difference between two gradients, relative to the expected one's
+    largest entry."""
+    return max(
+        ((grads[name] - expected).abs().max() / expected.abs().max().clamp_min(1e-8)).item()
+        for name, expected in expected_grads.items()
+    )
+
+
 @pytest.fixture(scope="session")
 def language_model(workdir, seed, tmp_path_factory) -> Path:
     """The tiny model (recipes/tiny/model.json) trained in-process on the tiny corpus and the SFT

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import fresh_stage_model, stage_trainer
+from conftest import fresh_stage_model, largest_gradient_difference, stage_trainer
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -105,11 +105,11 @@ def test_logits_over_the_budget_go_through_trls_chunks(workdir):
 
 @pytest.mark.parametrize("stage", ["dpo", "kto", "orpo"])
 def test_log_probs_at_once_give_trls_preference_losses_and_gradients_without_its_loop(
-    workdir, stage, monkeypatch
+    workdir, seed, stage, monkeypatch, record_property
 ):
     from trl.trainer import utils as trl_utils
 
-    model, tokenizer = fresh_stage_model(stage, workdir, seed=0)
+    model, tokenizer = fresh_stage_model(stage, workdir, seed)
     looped, at_once = (stage_trainer(stage, workdir, copy.deepcopy(model), tokenizer) for _ in range(2))
     log_probs_at_once(at_once, max_mib=64)
     batch = next(iter(looped.get_train_dataloader()))
@@ -125,6 +125,11 @@ def test_log_probs_at_once_give_trls_preference_losses_and_gradients_without_its
     loss, grads, _ = _loss_and_gradients(at_once, copy.deepcopy(batch))
 
     assert not loops
-    assert loss == pytest.approx(expected_loss, rel=1e-6)
-    for name, grad in grads.items():  # the same formula, term by term: equal up to float32 rounding
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    loss_difference = abs(loss - expected_loss) / max(abs(expected_loss), 1e-8)
+    gradient_difference = largest_gradient_difference(grads, expected_grads)
+    record_property("loss_relative_difference", loss_difference)
+    record_property("gradient_relative_difference", gradient_difference)
+    # BOUND: TRL's formula term by term, one logsumexp call instead of one per row. Measured: see
+    # docs/test_bounds.md (LP).
+    assert loss_difference < 1e-6
+    assert gradient_difference < 1e-5
