@@ -8,7 +8,8 @@ machine state (idle; one pure-Python busy loop, one process holding one core) an
 asks `trellis.core.threads` what the pipeline would choose then, and runs the stage for `--steps`
 optimizer steps under each setting: 1 or 2 threads (capped at the cores), OpenMP's default or PASSIVE wait
 policy. The figure is the median step time of the run record (`metrics.throughput.step_seconds`), or
-the trainer's runtime per step for stages that do not record throughput (the online RL stages). It prints,
+the trainer's runtime per step for stages that do not record throughput (GRPO, RLOO; PPO: its generation
+and training time per update, over all its recipe's updates). It prints,
 per state and stage, every setting's figure, the best, and the chosen setting's distance from the best.
 """
 
@@ -52,7 +53,13 @@ def seconds_per_step(output_dir: str, steps: int) -> float:
     with open(os.path.join(output_dir, "trellis_run.json")) as handle:
         metrics = json.load(handle)["metrics"]
     step_seconds = metrics.get("throughput", {}).get("step_seconds")
-    return step_seconds if step_seconds else metrics["train"]["train_runtime"] / steps
+    if step_seconds:
+        return step_seconds
+    if "train_runtime" in metrics["train"]:
+        return metrics["train"]["train_runtime"] / steps
+    # PPO runs its recipe's episodes whatever --max_steps says: its generation and training time per update
+    split = metrics["time_split"]
+    return (split["generation_seconds"] + split["training_seconds"]) / metrics["train"]["step"]
 
 
 def run_stage(stage: str, kind: str, recipe: str, steps: int, threads: int, policy: str) -> float:
