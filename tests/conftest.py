@@ -250,13 +250,18 @@ def stage_trainer(stage: str, workdir: Path, model, tokenizer):
     return trainer_class(model=model, args=args, train_dataset=dataset["train"], processing_class=tokenizer)
 
 
-def largest_gradient_difference(grads: dict, expected_grads: dict) -> float:
-    """Over the parameters: the largest difference between two gradients, relative to the expected one's
-    largest entry."""
-    return max(
+def recorded_differences(record_property, loss, expected_loss, grads, expected_grads) -> tuple[float, float]:
+    """How far a loss and its gradients are from the expected ones, recorded for scripts/measure_bounds.py: the
+    loss's relative difference, and over the parameters the largest gradient difference relative to the
+    expected gradient's largest entry."""
+    loss_difference = abs(loss - expected_loss) / max(abs(expected_loss), 1e-8)
+    gradient_difference = max(
         ((grads[name] - expected).abs().max() / expected.abs().max().clamp_min(1e-8)).item()
         for name, expected in expected_grads.items()
     )
+    record_property("loss_relative_difference", loss_difference)
+    record_property("gradient_relative_difference", gradient_difference)
+    return loss_difference, gradient_difference
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import fresh_stage_model, largest_gradient_difference, stage_trainer
+from conftest import fresh_stage_model, recorded_differences, stage_trainer
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -125,10 +125,9 @@ def test_log_probs_at_once_give_trls_preference_losses_and_gradients_without_its
     loss, grads, _ = _loss_and_gradients(at_once, copy.deepcopy(batch))
 
     assert not loops
-    loss_difference = abs(loss - expected_loss) / max(abs(expected_loss), 1e-8)
-    gradient_difference = largest_gradient_difference(grads, expected_grads)
-    record_property("loss_relative_difference", loss_difference)
-    record_property("gradient_relative_difference", gradient_difference)
+    loss_difference, gradient_difference = recorded_differences(
+        record_property, loss, expected_loss, grads, expected_grads
+    )
     # BOUND: TRL's formula term by term, one logsumexp call instead of one per row. Measured: see
     # docs/test_bounds.md (LP).
     assert loss_difference < 1e-6

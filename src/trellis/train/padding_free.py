@@ -46,8 +46,8 @@ def pack_sequences(model) -> None:
     """Run `model`'s decoder on right-padded batches packed without padding (see the module docstring).
 
     Called through a causal LM's own forward (as DPO, KTO and ORPO call it), the LM head runs packed too
-    and its logits are scattered back; where a trainer replaced the forward to take the head itself
-    (TRL's SFT loss), or the model has no LM head, the decoder's output is.
+    and its logits are scattered back; where the instance's forward was replaced (TRL's SFT loss takes the
+    head itself; accelerate's mixed-precision wrapper), or the model has no LM head, the decoder's output is.
     """
     if is_packing(model):
         return
@@ -61,7 +61,7 @@ def pack_sequences(model) -> None:
     packed_call: dict[str, object] = {"layout": None, "head": None}
 
     def enter_task_forward(module, args, kwargs):
-        own_forward = "forward" not in vars(module)  # TRL's SFT loss replaces the instance's forward
+        own_forward = "forward" not in vars(module)  # not replaced on the instance
         packed_call["head"] = lm_head if own_forward else None
 
     def leave_task_forward(module, args, kwargs, output):
@@ -116,7 +116,7 @@ def pack_sequences(model) -> None:
     decoder.register_forward_hook(unpack, with_kwargs=True)
     if lm_head is not None:
         task_model.register_forward_pre_hook(enter_task_forward, with_kwargs=True)
-        task_model.register_forward_hook(leave_task_forward, with_kwargs=True)
+        task_model.register_forward_hook(leave_task_forward, with_kwargs=True, always_call=True)
         lm_head.register_forward_hook(unpack_logits)
     decoder._trellis_padding_free = True
 
