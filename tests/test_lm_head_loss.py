@@ -128,7 +128,8 @@ def test_log_probs_at_once_give_trls_preference_losses_and_gradients_without_its
     loss_difference, gradient_difference = recorded_differences(
         record_property, loss, expected_loss, grads, expected_grads
     )
-    # BOUND: TRL's formula term by term, one logsumexp call instead of one per row. Measured (seeds 0-2 x 1, 2
-    # threads, AMD EPYC): loss and gradient differences 0 in all 18 runs, bitwise equal (docs/test_bounds.md, LP).
+    # BOUND: TRL's formula term by term, one logsumexp call instead of one per row. Measured (seeds 0-2
+    # x 1, 2 threads, AMD EPYC with AVX2 and with AVX-512): loss and gradient differences 0 in all 36
+    # runs, bitwise equal (docs/test_bounds.md, LP).
     assert loss_difference < 1e-6
     assert gradient_difference < 1e-5
