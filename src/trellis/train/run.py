@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -50,7 +51,7 @@ def setup_logging(training_args=None) -> None:
 def start_training_run(stage: str, script_args, training_args, model_args) -> Iterator[RunRecord]:
     """What every training stage starts and ends with: logging, the seed, its run record, and the
     process group closed once the stage is done (gloo aborted at interpreter exit when left open:
-    "terminate called without an active exception")."""
+    "terminate called without an active exception"; cf. pytorch/pytorch#179291)."""
     from transformers import set_seed
 
     setup_logging(training_args)
@@ -71,11 +72,23 @@ def start_training_run(stage: str, script_args, training_args, model_args) -> It
             reporting_bad_records(record_bad_records),
         ):
             yield record
+        _close_process_group(finished=True)
     finally:
-        import torch.distributed
+        _close_process_group(finished=False)
 
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+def _close_process_group(finished: bool) -> None:
+    """Destroys the process group, once every process has finished when the stage did (a process that
+    closed its group while another still wound down its own sometimes aborted at exit; after a failure
+    the others may never come, so nothing waits then)."""
+    import torch.distributed
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if finished:
+        gc.collect()  # drops finished collectives' work objects while their tensors can still be freed
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def resume_checkpoint(training_args) -> str | None:
