@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -51,7 +50,9 @@ def setup_logging(training_args=None) -> None:
 def start_training_run(stage: str, script_args, training_args, model_args) -> Iterator[RunRecord]:
     """What every training stage starts and ends with: logging, the seed, its run record, and the
     process group closed once the stage is done (gloo aborted at interpreter exit when left open:
-    "terminate called without an active exception"; cf. pytorch/pytorch#179291)."""
+    "terminate called without an active exception"). A stage that finished closes it once every process
+    has (a process closing while another still wound down sometimes aborted the same way); one that
+    failed closes it at once, since the others may never come."""
     from transformers import set_seed
 
     setup_logging(training_args)
@@ -66,29 +67,21 @@ def start_training_run(stage: str, script_args, training_args, model_args) -> It
         record.data["bad_records"] = report
         record.save()
 
+    finished = False
     try:
         with (
             RunRecord(stage, training_args.output_dir, configs, training_args.process_index == 0) as record,
             reporting_bad_records(record_bad_records),
         ):
             yield record
-        _close_process_group(finished=True)
+        finished = True
     finally:
-        _close_process_group(finished=False)
+        import torch.distributed
 
-
-def _close_process_group(finished: bool) -> None:
-    """Destroys the process group, once every process has finished when the stage did (a process that
-    closed its group while another still wound down its own sometimes aborted at exit; after a failure
-    the others may never come, so nothing waits then)."""
-    import torch.distributed
-
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if finished:
-        gc.collect()  # drops finished collectives' work objects while their tensors can still be freed
-        torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if finished:
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def resume_checkpoint(training_args) -> str | None:
