@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 
 from trellis.core.recipe import RecipeError
 from trellis.core.run_record import read_record
-from trellis.evaluate import comparison
+from trellis.evaluate import comparison, evaluation
+from trellis.evaluate.arguments import EvalArguments
 from trellis.evaluate.gates import GateError, check_gates, parse_gate, select_candidate
 from trellis.evaluate.perplexity import evaluate_perplexity, sliding_windows
 from trellis.stages import parse_recipe
@@ -182,6 +183,13 @@ def test_unknown_task_lists_the_closest_names_and_code_tasks_are_opt_in(workdir,
     assert "unknown task 'arc_easyy'; closest: arc_easy" in result.stderr
     assert "task 'humaneval' executes code the model writes" in result.stderr  # opt-in only
     assert not (tmp_path / "trellis_run.json").exists(), "nothing runs before the tasks are checked"
+
+
+def test_trellis_tasks_alone_skip_indexing_lm_evals_own():
+    args = EvalArguments(output_dir="unused", checkpoints=[{"name": "x", "path": "x"}], tasks=["tiny_qa"])
+    manager = evaluation.task_manager(args)
+    assert "tiny_qa" in manager.all_tasks and "arc_easy" not in manager.all_tasks  # lm-eval's ~14,000 unread
+    # (a task of lm-eval's own in the recipe indexes them all: the unknown-task test above)
 
 
 @pytest.mark.parametrize(
