@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from trellis.core.run_record import read_record
 
@@ -146,33 +149,38 @@ def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300) -
         time.sleep(0.05)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The directory `build(path)` fills, for the whole test run. Session fixtures are per xdist worker: without
+    this each worker would train the same model again. The first worker to ask builds it under the run's
+    shared temporary directory; the others wait on a lock and reuse it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        out = tmp_path_factory.mktemp(name) / "model"
+        build(out)
+        return out
+    shared = tmp_path_factory.getbasetemp().parent / "built_once"  # the run's directory, above each worker's
+    shared.mkdir(exist_ok=True)
+    out, built = shared / name, shared / f"{name}.built"
+    with FileLock(shared / f"{name}.lock"):
+        if not built.exists():
+            shutil.rmtree(out, ignore_errors=True)  # what a failed build left
+            build(out)
+            built.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def sft_model(workdir, seed, tmp_path_factory) -> Path:
     """The tiny SFT model, the starting point of every alignment stage: recipes/tiny/sft.yaml cut to half its
     steps, which already teaches the answer form (held-out facts are beyond an SFT model from scratch)."""
-    out = tmp_path_factory.mktemp("sft") / "model"
-    run_stage(
-        workdir,
-        "sft",
-        out,
-        "--max_steps",
-        "150",
-        "--eval_steps",
-        "150",
-        "--save_steps",
-        "150",
-        "--seed",
-        str(seed),
-    )
-    return out
+    arguments = ["--max_steps", "150", "--eval_steps", "150", "--save_steps", "150", "--seed", str(seed)]
+    return built_once(tmp_path_factory, "sft", lambda out: run_stage(workdir, "sft", out, *arguments))
 
 
 @pytest.fixture(scope="session")
 def reward_model(workdir, sft_model, seed, tmp_path_factory) -> Path:
     """The tiny reward model, trained from the tiny SFT model by recipes/tiny/reward.yaml."""
-    out = tmp_path_factory.mktemp("reward") / "model"
-    run_stage(workdir, "reward", out, "--model_name_or_path", str(sft_model), "--seed", str(seed))
-    return out
+    arguments = ["--model_name_or_path", str(sft_model), "--seed", str(seed)]
+    return built_once(tmp_path_factory, "reward", lambda out: run_stage(workdir, "reward", out, *arguments))
 
 
 def fresh_tiny_model(workdir: Path, seed: int = 0):
@@ -269,6 +277,10 @@ def language_model(workdir, seed, tmp_path_factory) -> Path:
     """The tiny model (recipes/tiny/model.json) trained in-process on the tiny corpus and the SFT
     conversations, so its held-out perplexity means something and small losses in it show (the
     compression stages' input)."""
+    return built_once(tmp_path_factory, "lm", lambda out: train_language_model(workdir, seed, out))
+
+
+def train_language_model(workdir: Path, seed: int, out: Path) -> None:
     import torch
 
     model, tokenizer = fresh_tiny_model(workdir, seed)
@@ -288,11 +300,9 @@ def language_model(workdir, seed, tmp_path_factory) -> Path:
         optimizer.step()
         optimizer.zero_grad()
     assert loss.item() < 2.0, f"the tiny model did not learn the corpus (loss {loss.item():.2f})"
-    out = tmp_path_factory.mktemp("lm")
     model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out
 
 
 def start_script(args: list[str], cwd: Path) -> subprocess.Popen:
