@@ -114,7 +114,7 @@ def test_unsupported_architecture_fails_before_writing_naming_it(
     (model / "config.json").write_text(json.dumps({**config, "architectures": ["ToyForCausalLM"]}))
     out = tmp_path / "out"
     with pytest.raises(gguf_export.ExportError, match="does not support the architecture 'ToyForCausalLM'"):
-        run_in_process("export", export_recipe(workdir, model, out))
+        run_in_process("export", ["--config", str(export_recipe(workdir, model, out))])
     assert not out.exists()
 
 
@@ -167,5 +167,5 @@ def test_serving_without_vllm_fails_before_loading_anything(workdir, tmp_path, m
     with pytest.raises(
         serving.ServingError, match="/nonexistent/python does not exist; run `make serve-env`"
     ):
-        run_in_process("serve", recipe)
+        run_in_process("serve", ["--config", str(recipe)])
     assert not (tmp_path / "out").exists()

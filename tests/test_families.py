@@ -73,7 +73,7 @@ def run_stage(script: str, recipe: Path, overrides: dict, tmp: Path) -> dict:
     values.update(overrides)
     derived = tmp / f"{recipe.parent.name}-{recipe.stem}.yaml"
     derived.write_text(yaml.safe_dump(values))
-    run_in_process(script, derived)
+    run_in_process(script, ["--config", str(derived)])
     record = read_record(values["output_dir"])
     assert record["status"] == "complete", record
     return record
