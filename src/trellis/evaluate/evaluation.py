@@ -85,7 +85,7 @@ def check_tasks(args: EvalArguments, manager) -> None:
 
 def _task_config(manager, name: str) -> dict:
     """The YAML config of a single task as lm-eval indexed it ({} for groups and Python tasks)."""
-    entry = getattr(manager, "_index", {}).get(name)
+    entry = manager.task_index.get(name)
     return dict(getattr(entry, "cfg", None) or {})
 
 
