@@ -12,6 +12,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from trellis.train import last_layer
 from trellis.train.arguments import ModelArguments
 from trellis.train.lm_head_loss import compute_small_logits_at_once, log_probs_at_once
 from trellis.train.models import load_model
@@ -64,11 +65,27 @@ def _head_calls(trainer) -> list:
     return calls
 
 
+def _last_mlp_tokens(trainer) -> list[int]:
+    """The tokens each call of the last decoder layer's MLP ran on."""
+    tokens = []
+    trainer.model.model.layers[-1].mlp.register_forward_pre_hook(
+        lambda module, args: tokens.append(args[0].shape[:-1].numel())
+    )
+    return tokens
+
+
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
-def test_loss_tokens_logits_at_once_give_trls_loss_metrics_and_gradients(workdir, padding_free):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_loss_tokens_logits_at_once_give_trls_loss_metrics_and_gradients(
+    workdir, padding_free, checkpointing
+):
     chunked, at_once = _trainers(workdir)
+    if checkpointing:  # recomputed in the backward pass, the last layer runs whole
+        for trainer in (chunked, at_once):
+            trainer.model.gradient_checkpointing_enable({"use_reentrant": False})
     compute_small_logits_at_once(at_once, max_mib=64)
     calls = _head_calls(at_once)
+    last_mlp_tokens = _last_mlp_tokens(at_once)
     batch = _probe_batch(padding_free)
     num_loss_tokens = int((batch["labels"][:, 1:] != -100).sum())
     assert num_loss_tokens > 256  # TRL's chunks: more than one
@@ -88,6 +105,12 @@ def test_loss_tokens_logits_at_once_give_trls_loss_metrics_and_gradients(workdir
         for name, value in metrics.items():
             assert value == pytest.approx(expected_metrics[name], rel=1e-5), name
     assert len(calls) == 2
+    # After its attention the last layer ran on the loss tokens alone (trellis.train.last_layer); checkpointed,
+    # whole, in the forward pass and again in the backward pass.
+    if checkpointing:
+        assert last_mlp_tokens == [batch["input_ids"].numel()] * 4
+    else:
+        assert last_mlp_tokens == [num_loss_tokens] * 2
 
 
 def test_logits_over_the_budget_go_through_trls_chunks(workdir):
@@ -133,3 +156,22 @@ def test_log_probs_at_once_give_trls_preference_losses_and_gradients_without_its
     # runs, bitwise equal (docs/test_bounds.md, LP).
     assert loss_difference < 1e-6
     assert gradient_difference < 1e-5
+
+
+def test_a_decoder_layer_whose_code_is_not_llamas_runs_whole(workdir):
+    _, at_once = _trainers(workdir)
+    decoder = at_once.model.model
+
+    class OtherLayer(type(decoder.layers[-1])):
+        def forward(self, *args, **kwargs):  # the same block, but not Llama's code: not split
+            return super().forward(*args, **kwargs)
+
+    decoder.layers[-1].__class__ = OtherLayer
+    last_mlp_tokens = _last_mlp_tokens(at_once)
+    inputs = {name: _probe_batch()[name] for name in ("input_ids", "attention_mask")}
+    positions = torch.tensor([3, 50, 140, 300])
+
+    hidden = last_layer.hidden_states_at(decoder, positions, **inputs)
+
+    assert torch.equal(hidden, decoder(**inputs).last_hidden_state.flatten(0, 1)[positions])
+    assert last_mlp_tokens == [inputs["input_ids"].numel()] * 2

@@ -37,6 +37,10 @@ def test_packed_forward_gives_trls_padded_loss_and_gradients(workdir, seed, stag
             with_kwargs=True,
             prepend=before_packing,
         )
+    last_mlp_tokens = []  # per call of the packed policy's last MLP
+    packed_decoder.layers[-1].mlp.register_forward_pre_hook(
+        lambda module, args: last_mlp_tokens.append(args[0].shape[:-1].numel())
+    )
     head_tokens = []  # per call of the packed policy's LM head: the positions it computed logits for
     if packed.model.get_output_embeddings() is not None:
         packed.model.get_output_embeddings().register_forward_pre_hook(
@@ -54,6 +58,12 @@ def test_packed_forward_gives_trls_padded_loss_and_gradients(workdir, seed, stag
     assert all(done < given for done, given in zip(computed, real, strict=True)), (computed, real)
     if stage in ("dpo", "kto", "orpo"):  # through the causal LM's own forward the LM head runs packed too
         assert head_tokens == computed
+    if (
+        stage == "sft"
+    ):  # its at-once loss: the last layer's MLP ran on the loss tokens alone, found in the row
+        assert last_mlp_tokens == [int((batch["labels"][:, 1:] != -100).sum())]
+    else:
+        assert last_mlp_tokens == computed
     assert padding_free.is_packing(packed.model)
     if getattr(packed, "ref_model", None) is not None:
         assert padding_free.is_packing(packed.ref_model)

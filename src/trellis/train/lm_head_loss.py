@@ -8,7 +8,9 @@ Where the logits are small (small vocabularies, short sequences) that costs more
 tiny SFT spends about a fifth of its forward and backward time in the chunks, the tiny DPO a tenth in
 the loop. `compute_small_logits_at_once` (SFT) and `log_probs_at_once` (DPO, KTO, ORPO) keep TRL's
 losses, metrics and special cases and compute the same values in one piece when the logits take at most
-`max_mib` MiB; larger batches still go TRL's way.
+`max_mib` MiB; larger batches still go TRL's way. SFT's then runs the last decoder layer, after its
+attention, on the loss tokens alone (trellis.train.last_layer), as TRL's chunks never need the other
+tokens' hidden states either.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import types
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
+
+from trellis.train import last_layer
 
 IGNORE_INDEX = -100
 
@@ -71,10 +75,16 @@ def compute_small_logits_at_once(trainer, max_mib: float) -> None:
                 **kwargs,
             )
         kwargs.pop("use_cache", None)
-        hidden = self.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
-        ).last_hidden_state
-        log_probs = lm_head(hidden[..., :-1, :][valid]).float().log_softmax(dim=-1)
+        rows, columns = valid.nonzero(as_tuple=True)  # the positions whose hidden states predict a target
+        hidden = last_layer.hidden_states_at(
+            self.base_model,
+            rows * labels.shape[-1] + columns,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            **kwargs,
+        )
+        log_probs = lm_head(hidden).float().log_softmax(dim=-1)
         targets = targets[valid]
         # Divided by the loss tokens of the whole accumulated batch when the Trainer passes their count, as TRL does.
         denominator = num_valid if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)

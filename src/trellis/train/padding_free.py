@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trellis.train import last_layer
+
 
 def decoder_of(model):
     """The transformer body a task model (causal LM, sequence classifier, a peft or DDP wrapper) calls."""
@@ -77,6 +79,9 @@ def pack_sequences(model) -> None:
         if layout.tokens == input_ids.numel():  # no padding and nothing shared: nothing to remove
             return None
         packed_call["layout"] = layout
+        request = last_layer.requested_rows()
+        if request is not None:  # the caller reads some positions of the padded batch: where they are packed
+            request.rows = layout.gather_index[request.rows]
         positions = torch.arange(layout.width, device=input_ids.device).expand_as(input_ids)
         packed = {
             "input_ids": layout.to_packed(input_ids)[None],
@@ -97,6 +102,9 @@ def pack_sequences(model) -> None:
         if layout is None or packed_call["head"] is not None:  # not packed, or the LM head unpacks
             return None
         packed_call["layout"] = None
+        request = last_layer.requested_rows()
+        if request is not None and request.taken:  # the last layer gave the requested rows alone
+            return None
         output.last_hidden_state = layout.to_padded(output.last_hidden_state[0])
         return output
 
