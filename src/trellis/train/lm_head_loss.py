@@ -8,9 +8,8 @@ Where the logits are small (small vocabularies, short sequences) that costs more
 tiny SFT spends about a fifth of its forward and backward time in the chunks, the tiny DPO a tenth in
 the loop. `compute_small_logits_at_once` (SFT) and `log_probs_at_once` (DPO, KTO, ORPO) keep TRL's
 losses, metrics and special cases and compute the same values in one piece when the logits take at most
-`max_mib` MiB; larger batches still go TRL's way. SFT's then runs the last decoder layer, after its
-attention, on the loss tokens alone (trellis.train.last_layer), as TRL's chunks never need the other
-tokens' hidden states either.
+`max_mib` MiB; larger batches still go TRL's way. SFT's then also runs the last decoder layer, after its
+attention, on the loss tokens alone (trellis.train.last_layer): no other token's final hidden state is read.
 """
 
 from __future__ import annotations
