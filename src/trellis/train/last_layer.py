@@ -1,11 +1,12 @@
 """The last decoder layer computed only at the positions whose hidden states the loss reads.
 
 SFT's loss reads the final hidden states at its target positions only: the assistant's tokens, under half
-of those a tiny SFT batch computes. Every layer but the last must run on every token, since later tokens attend to
-their keys and values; after the last layer's attention, though, the rest of it (the residual, the MLP) and
-the final norm work token by token: `hidden_states_at` runs them on the read positions alone, as
-transformers' `logits_to_keep` does for the LM head. That saves the MLP of the last layer on the other
-tokens: about a fifth of a step's matmuls with the tiny SFT's 2 layers, a fortieth with 16 (docs/benchmarks.md).
+of those a tiny SFT batch computes. Every layer but the last must run on every token, since later tokens
+attend to their keys and values; after the last layer's attention, though, the rest of it (the residual,
+the MLP) and the final norm work token by token: `hidden_states_at` runs them on the read positions alone,
+as transformers' `logits_to_keep` does for the LM head. That saves the last layer's MLP on the other
+tokens: about a fifth of a step's matmuls with the tiny SFT's 2 layers, a fortieth with 16
+(docs/benchmarks.md).
 
 Layers whose forward is Llama's pre-norm residual block, the same bytecode (Llama, Mistral, Qwen 2 and 3,
 Gemma, SmolLM3), are split; other layers, and layers under activation checkpointing (whose recomputation in
