@@ -255,6 +255,13 @@ def stage_trainer(stage: str, workdir: Path, model, tokenizer):
     return trainer_class(model=model, args=args, train_dataset=dataset["train"], processing_class=tokenizer)
 
 
+def tokens_per_call(module) -> list[int]:
+    """The tokens (positions of its input's leading dimensions) each later call of `module` runs on."""
+    tokens = []
+    module.register_forward_pre_hook(lambda module, args: tokens.append(args[0].shape[:-1].numel()))
+    return tokens
+
+
 def recorded_differences(record_property, loss, expected_loss, grads, expected_grads) -> tuple[float, float]:
     """How far a loss and its gradients are from the expected ones, recorded for scripts/measure_bounds.py: the
     loss's relative difference, and over the parameters the largest gradient difference relative to the

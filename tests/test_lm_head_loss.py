@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import fresh_stage_model, recorded_differences, stage_trainer
+from conftest import fresh_stage_model, recorded_differences, stage_trainer, tokens_per_call
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -65,15 +65,6 @@ def _head_calls(trainer) -> list:
     return calls
 
 
-def _last_mlp_tokens(trainer) -> list[int]:
-    """The tokens each call of the last decoder layer's MLP ran on."""
-    tokens = []
-    trainer.model.model.layers[-1].mlp.register_forward_pre_hook(
-        lambda module, args: tokens.append(args[0].shape[:-1].numel())
-    )
-    return tokens
-
-
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
 def test_loss_tokens_logits_at_once_give_trls_loss_metrics_and_gradients(
@@ -85,7 +76,7 @@ def test_loss_tokens_logits_at_once_give_trls_loss_metrics_and_gradients(
             trainer.model.gradient_checkpointing_enable({"use_reentrant": False})
     compute_small_logits_at_once(at_once, max_mib=64)
     calls = _head_calls(at_once)
-    last_mlp_tokens = _last_mlp_tokens(at_once)
+    last_mlp_tokens = tokens_per_call(at_once.model.model.layers[-1].mlp)
     batch = _probe_batch(padding_free)
     num_loss_tokens = int((batch["labels"][:, 1:] != -100).sum())
     assert num_loss_tokens > 256  # TRL's chunks: more than one
@@ -167,7 +158,7 @@ def test_a_decoder_layer_whose_code_is_not_llamas_runs_whole(workdir):
             return super().forward(*args, **kwargs)
 
     decoder.layers[-1].__class__ = OtherLayer
-    last_mlp_tokens = _last_mlp_tokens(at_once)
+    last_mlp_tokens = tokens_per_call(at_once.model.model.layers[-1].mlp)
     inputs = {name: _probe_batch()[name] for name in ("input_ids", "attention_mask")}
     positions = torch.tensor([3, 50, 140, 300])
 

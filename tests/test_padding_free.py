@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import fresh_stage_model, recorded_differences, stage_trainer
+from conftest import fresh_stage_model, recorded_differences, stage_trainer, tokens_per_call
 
 from trellis.train import padding_free
 
@@ -37,15 +37,10 @@ def test_packed_forward_gives_trls_padded_loss_and_gradients(workdir, seed, stag
             with_kwargs=True,
             prepend=before_packing,
         )
-    last_mlp_tokens = []  # per call of the packed policy's last MLP
-    packed_decoder.layers[-1].mlp.register_forward_pre_hook(
-        lambda module, args: last_mlp_tokens.append(args[0].shape[:-1].numel())
-    )
-    head_tokens = []  # per call of the packed policy's LM head: the positions it computed logits for
-    if packed.model.get_output_embeddings() is not None:
-        packed.model.get_output_embeddings().register_forward_pre_hook(
-            lambda module, args: head_tokens.append(args[0].shape[:-1].numel())
-        )
+    last_mlp_tokens = tokens_per_call(packed_decoder.layers[-1].mlp)
+    # per call of the packed policy's LM head: the positions it computed logits for
+    head = packed.model.get_output_embeddings()
+    head_tokens = tokens_per_call(head) if head is not None else []
 
     expected_loss, expected_grads = _loss_and_gradients(padded, batch)
     loss, grads = _loss_and_gradients(packed, batch)

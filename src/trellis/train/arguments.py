@@ -64,8 +64,8 @@ class TokenLossScriptArguments(PaddingFreeScriptArguments):
             "help": "Compute the log-probabilities of a batch's loss tokens in one piece when their logits take "
             "at most this many MiB in float32, where TRL splits them to bound memory: SFT's chunked_nll (256-token "
             "chunks, each recomputed in the backward pass), the per-sequence loop of DPO, KTO and ORPO; SFT's last "
-            "decoder layer then runs on the loss tokens alone after its attention. Same loss; faster where "
-            "vocabularies or sequences are small. 0: as TRL does."
+            "decoder layer (Llama-like, not checkpointed) then runs on the loss tokens alone after its attention. "
+            "Same loss; faster where vocabularies or sequences are small. 0: as TRL does."
         },
     )
 

@@ -54,24 +54,25 @@ def hidden_states_at(decoder, positions: torch.Tensor, **inputs) -> torch.Tensor
 
 
 def _splits_last_layer(decoder) -> bool:
-    """Whether `decoder`'s last layer can run on requested rows (installing the split forward once)."""
+    """Whether `decoder`'s last layer can run on requested rows (decided, and the split forward installed,
+    at its first call)."""
     layers = getattr(decoder, "layers", None)
     if not layers or getattr(decoder, "gradient_checkpointing", False):
         return False
     layer = layers[-1]
-    if not getattr(layer, "_trellis_splits_rows", False):
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    if not hasattr(layer, "_trellis_splits_rows"):
+        layer._trellis_splits_rows = _has_llamas_code(type(layer))
+        if layer._trellis_splits_rows:
+            layer.forward = _rows_alone_forward(layer, layer.forward)
+    return layer._trellis_splits_rows
 
-        code, llama_code = (inspect.unwrap(cls.forward).__code__ for cls in (type(layer), LlamaDecoderLayer))
-        if (code.co_code, code.co_names, code.co_consts) != (
-            llama_code.co_code,
-            llama_code.co_names,
-            llama_code.co_consts,
-        ):
-            return False
-        layer.forward = _rows_alone_forward(layer, layer.forward)
-        layer._trellis_splits_rows = True
-    return True
+
+def _has_llamas_code(layer_class) -> bool:
+    """Whether `layer_class.forward` is Llama's decoder layer's, compiled from the same code."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    code, llama = (inspect.unwrap(cls.forward).__code__ for cls in (layer_class, LlamaDecoderLayer))
+    return (code.co_code, code.co_names, code.co_consts) == (llama.co_code, llama.co_names, llama.co_consts)
 
 
 def _rows_alone_forward(layer, whole_forward):
